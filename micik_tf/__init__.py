@@ -1,0 +1,27 @@
+"""micik_tf: MICIK cross-layer compression for Keras 3 models.
+
+    compressed = micik_tf.compress(model, ratio=8.0)
+    print(micik_tf.report(compressed))
+
+Importing this package registers its layers with Keras serialization, so
+`keras.models.load_model("student.keras")` needs no `custom_objects`. It never
+imports tensorflow-model-optimization or tf_keras: `tf.keras` stays Keras 3.
+"""
+
+from micik_tf.calibration import recalibrate_batchnorm
+from micik_tf.compress import DEFAULT_RATIO, compress
+from micik_tf.layers import FactorizedConv2D, FactorizedDense, SharedBasis
+from micik_tf.report import Report, report
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DEFAULT_RATIO",
+    "FactorizedConv2D",
+    "FactorizedDense",
+    "Report",
+    "SharedBasis",
+    "compress",
+    "recalibrate_batchnorm",
+    "report",
+]

@@ -1,0 +1,345 @@
+"""Wrapper layers that replace a Dense or Conv2D by MICIK's factorized form.
+
+A compressed layer computes
+
+    y = act( concat(x*L_common, x*U) . [R_common; V] + b )
+
+where, for input-side sharing (the default), `L_common` is the group's shared
+basis `B_g` (`m x r_c`, received as a second input from `SharedBasis`) and
+`R_common` are this layer's coefficients `A_l` (`r_c x n`). For output-side
+sharing the roles swap: the layer owns `m x r_c` coefficients and the basis
+(`r_c x n`) is shared. `U` (`m x r_u`) and `V` (`r_u x n`) are the layer's own
+low-rank part. For a convolution, `x*L` is a `k x k` convolution to
+`r_c + r_u` channels and the product with `[R; V]` is a 1x1 convolution,
+so both the storage and the FLOPs fall when the ranks are small.
+"""
+
+import numpy as np
+
+import keras
+from keras import ops
+
+from micik_tf.layers.validation import one_of, positive_int
+
+SHARED_SIDES = ("input", "output")
+
+
+class _Factorized(keras.layers.Layer):
+    """Ranks, factor variables and the two-stage product shared by the wrappers."""
+
+    def __init__(
+        self,
+        units,
+        rank_common=0,
+        rank_unique=1,
+        shared_side="input",
+        activation=None,
+        use_bias=True,
+        factor_initializer="glorot_uniform",
+        bias_initializer="zeros",
+        group=None,
+        relative_error=None,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.units = positive_int(self._units_name, units)
+        self.rank_common = positive_int("rank_common", rank_common, allow_zero=True)
+        self.rank_unique = positive_int("rank_unique", rank_unique, allow_zero=True)
+        if self.rank_common + self.rank_unique == 0:
+            raise ValueError(
+                "Received rank_common=0 and rank_unique=0: a factorized layer "
+                "needs at least one rank. Give `rank_unique` >= 1 (or "
+                "`rank_common` >= 1 with a shared basis)."
+            )
+        self.shared_side = one_of("shared_side", shared_side, SHARED_SIDES)
+        if self.rank_common and group is None:
+            raise ValueError(
+                "A layer with `rank_common` > 0 reads a shared basis, so it "
+                "needs `group`: the name of its `SharedBasis` layer. "
+                f"Received: group=None, rank_common={self.rank_common}"
+            )
+        self.activation = keras.activations.get(activation)
+        self.use_bias = bool(use_bias)
+        self.factor_initializer = keras.initializers.get(factor_initializer)
+        self.bias_initializer = keras.initializers.get(bias_initializer)
+        self.group = None if group is None else str(group)
+        self.relative_error = (
+            None if relative_error is None else float(relative_error)
+        )
+
+    # Subclasses give the input size `m` of the kernel matrix and the first
+    # (projection) stage.
+    _units_name = "units"
+
+    def _kernel_rows(self, input_shape):
+        raise NotImplementedError
+
+    def _project(self, x, left):
+        raise NotImplementedError
+
+    @property
+    def rank(self):
+        return self.rank_common + self.rank_unique
+
+    def basis_shape(self):
+        """Shape of the `SharedBasis` tensor this layer expects."""
+        if self.shared_side == "input":
+            return (self.kernel_rows, self.rank_common)
+        return (self.rank_common, self.units)
+
+    def build(self, input_shape):
+        if self.rank_common:
+            if not (isinstance(input_shape, (list, tuple)) and len(input_shape) == 2
+                    and isinstance(input_shape[0], (list, tuple))):
+                raise ValueError(
+                    f"Layer '{self.name}' has rank_common={self.rank_common} and "
+                    "must be called on `[x, basis]`, where `basis` comes from "
+                    f"its SharedBasis layer. Received input shape: {input_shape}"
+                )
+            x_shape, basis_shape = input_shape
+        else:
+            x_shape, basis_shape = input_shape, None
+        self.kernel_rows = self._kernel_rows(x_shape)
+        m, n = self.kernel_rows, self.units
+        if basis_shape is not None and tuple(basis_shape) != self.basis_shape():
+            raise ValueError(
+                f"Layer '{self.name}' expects a shared basis of shape "
+                f"{self.basis_shape()}, received {tuple(basis_shape)}. The "
+                "basis must match the layer's kernel size and rank_common."
+            )
+        if self.rank_common:
+            shape = (
+                (self.rank_common, n)
+                if self.shared_side == "input"
+                else (m, self.rank_common)
+            )
+            self.coefficients = self.add_weight(
+                name="coefficients", shape=shape, initializer=self.factor_initializer
+            )
+        if self.rank_unique:
+            self.unique_left = self.add_weight(
+                name="unique_left",
+                shape=(m, self.rank_unique),
+                initializer=self.factor_initializer,
+            )
+            self.unique_right = self.add_weight(
+                name="unique_right",
+                shape=(self.rank_unique, n),
+                initializer=self.factor_initializer,
+            )
+        if self.use_bias:
+            self.bias = self.add_weight(
+                name="bias", shape=(n,), initializer=self.bias_initializer
+            )
+
+    def _factors(self, basis):
+        """Returns the `m x r` left and `r x n` right factors, common part first."""
+        left, right = [], []
+        if self.rank_common:
+            if self.shared_side == "input":
+                left.append(basis)
+                right.append(self.coefficients)
+            else:
+                left.append(self.coefficients)
+                right.append(basis)
+        if self.rank_unique:
+            left.append(self.unique_left)
+            right.append(self.unique_right)
+        if len(left) == 1:
+            return left[0], right[0]
+        return ops.concatenate(left, axis=1), ops.concatenate(right, axis=0)
+
+    def call(self, inputs):
+        if self.rank_common:
+            x, basis = inputs
+        else:
+            x, basis = inputs, None
+        left, right = self._factors(basis)
+        y = ops.matmul(self._project(x, left), right)
+        if self.use_bias:
+            y = ops.add(y, self.bias)
+        return self.activation(y)
+
+    def reconstruct_kernel(self, basis=None):
+        """Returns the dense kernel this layer represents, as a numpy array.
+
+        Args:
+            basis: the value of the group's shared basis (required when
+                `rank_common` > 0).
+        """
+        if self.rank_common and basis is None:
+            raise ValueError(
+                f"Layer '{self.name}' shares a basis: pass its value as `basis`."
+            )
+        left, right = self._factors(basis)
+        kernel = np.asarray(ops.convert_to_numpy(ops.matmul(left, right)))
+        return kernel.reshape(self._kernel_shape())
+
+    def count_own_params(self):
+        return int(sum(np.prod(w.shape) for w in self.weights))
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            self._units_name: self.units,
+            "rank_common": self.rank_common,
+            "rank_unique": self.rank_unique,
+            "shared_side": self.shared_side,
+            "activation": keras.activations.serialize(self.activation),
+            "use_bias": self.use_bias,
+            "factor_initializer": keras.initializers.serialize(
+                self.factor_initializer
+            ),
+            "bias_initializer": keras.initializers.serialize(self.bias_initializer),
+            "group": self.group,
+            "relative_error": self.relative_error,
+        }
+
+
+@keras.saving.register_keras_serializable(package="micik_tf")
+class FactorizedDense(_Factorized):
+    """A `Dense` layer stored as shared + unique low-rank factors.
+
+    Args:
+        units: output size `n`.
+        rank_common: rank `r_c` of the shared part (0: no shared basis).
+        rank_unique: rank `r_u` of this layer's own low-rank part.
+        shared_side: `"input"` (the basis is `m x r_c`) or `"output"` (the
+            basis is `r_c x n`).
+        activation: activation applied after the bias, as in `Dense`.
+        use_bias: whether the layer adds a bias.
+        factor_initializer: initializer of the factor variables.
+        bias_initializer: initializer of the bias.
+        group: name of the `SharedBasis` layer; required when `rank_common` > 0.
+        relative_error: `||W - W_hat|| / ||W||` measured by `compress()` against
+            the original kernel (metadata for reports; None when built by hand).
+
+    Input shape:
+        `x` of shape `(..., m)`, or `[x, basis]` when `rank_common` > 0.
+
+    Output shape:
+        `(..., units)`.
+    """
+
+    def _kernel_rows(self, input_shape):
+        m = input_shape[-1]
+        if m is None:
+            raise ValueError(
+                f"Layer '{self.name}' needs a known last input dimension. "
+                f"Received input shape: {input_shape}"
+            )
+        return int(m)
+
+    def _kernel_shape(self):
+        return (self.kernel_rows, self.units)
+
+    def _project(self, x, left):
+        return ops.matmul(x, left)
+
+    def compute_output_shape(self, input_shape):
+        x_shape = input_shape[0] if self.rank_common else input_shape
+        return tuple(x_shape[:-1]) + (self.units,)
+
+
+@keras.saving.register_keras_serializable(package="micik_tf")
+class FactorizedConv2D(_Factorized):
+    """A `Conv2D` layer stored as shared + unique low-rank factors.
+
+    The first stage is a `k x k` convolution to `r_c + r_u` channels, the second
+    a 1x1 convolution (a matmul over channels) to `filters` channels.
+
+    Args:
+        filters: number of output channels `n`.
+        kernel_size: int or pair, as in `Conv2D`.
+        strides: int or pair.
+        padding: `"valid"` or `"same"`.
+        dilation_rate: int or pair.
+        The other arguments are those of `FactorizedDense`.
+
+    Input shape:
+        `x` of shape `(batch, height, width, C_in)` (channels last), or
+        `[x, basis]` when `rank_common` > 0. The kernel matrix has
+        `m = k_h * k_w * C_in` rows.
+
+    Output shape:
+        `(batch, new_height, new_width, filters)`.
+    """
+
+    _units_name = "filters"
+
+    def __init__(
+        self,
+        filters,
+        kernel_size,
+        strides=1,
+        padding="valid",
+        dilation_rate=1,
+        **kwargs,
+    ):
+        data_format = kwargs.pop("data_format", "channels_last")
+        if data_format not in (None, "channels_last"):
+            raise ValueError(
+                "FactorizedConv2D supports data_format='channels_last' only. "
+                f"Received: data_format={data_format!r}"
+            )
+        super().__init__(filters, **kwargs)
+        self.kernel_size = _pair("kernel_size", kernel_size)
+        self.strides = _pair("strides", strides)
+        self.dilation_rate = _pair("dilation_rate", dilation_rate)
+        self.padding = one_of("padding", str(padding).lower(), ("valid", "same"))
+        if max(self.strides) > 1 and max(self.dilation_rate) > 1:
+            raise ValueError(
+                "`strides` > 1 and `dilation_rate` > 1 cannot be combined "
+                f"(as in Conv2D). Received: strides={self.strides}, "
+                f"dilation_rate={self.dilation_rate}"
+            )
+
+    @property
+    def filters(self):
+        return self.units
+
+    def _kernel_rows(self, input_shape):
+        if len(input_shape) != 4 or input_shape[-1] is None:
+            raise ValueError(
+                f"Layer '{self.name}' expects a 4D channels-last input with a "
+                f"known channel count. Received input shape: {input_shape}"
+            )
+        self.input_channels = int(input_shape[-1])
+        return self.kernel_size[0] * self.kernel_size[1] * self.input_channels
+
+    def _kernel_shape(self):
+        return self.kernel_size + (self.input_channels, self.units)
+
+    def _project(self, x, left):
+        kernel = ops.reshape(
+            left, self.kernel_size + (self.input_channels, ops.shape(left)[-1])
+        )
+        return ops.conv(
+            x,
+            kernel,
+            strides=self.strides,
+            padding=self.padding,
+            data_format="channels_last",
+            dilation_rate=self.dilation_rate,
+        )
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "kernel_size": self.kernel_size,
+            "strides": self.strides,
+            "padding": self.padding,
+            "dilation_rate": self.dilation_rate,
+        }
+
+
+def _pair(name, value):
+    if isinstance(value, int):
+        value = (value, value)
+    value = tuple(value)
+    if len(value) != 2:
+        raise ValueError(
+            f"Received an invalid value for `{name}`, expected an int or a "
+            f"pair of ints. Received: {name}={value!r}"
+        )
+    return tuple(positive_int(name, v) for v in value)

@@ -1,0 +1,33 @@
+"""micik_tf: MICIK cross-layer compression for Keras 3 (TensorFlow backend)."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="micik_tf",
+    version="0.1.0",
+    description=(
+        "Mining Cross-Layer Inherent Similarity Knowledge (MICIK) compression "
+        "for Keras 3 models: shared bases, unique low-rank parts, recovery "
+        "training, deployment."
+    ),
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["micik_tf", "micik_tf.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        # TF 2.20/2.21 ship Keras 3 as tf.keras; keras >= 3.12 has
+        # keras.distillation, which the recovery losses build on.
+        "tensorflow>=2.20,<2.22",
+        "keras>=3.12,<4",
+        "tensorflow-datasets>=4.9",
+        "absl-py>=2.1",
+        "numpy>=1.26",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "scikit-learn>=1.4", "ai-edge-litert>=1.2", "matplotlib>=3.8"],
+        "demo": ["scikit-learn>=1.4", "matplotlib>=3.8"],
+        # tensorflow-model-optimization works on tf_keras (Keras 2) only; it is
+        # imported lazily, by the interop path alone.
+        "tfmot": ["tensorflow-model-optimization>=0.8", "tf_keras>=2.20,<2.22"],
+    },
+)
