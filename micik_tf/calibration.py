@@ -98,7 +98,7 @@ def collect_covariances(model, sites, data, max_batches=8, max_rows=8192, max_si
         new.set_weights(old.get_weights())
     nested[()] = probe
     extractors = {
-        owner: keras.Model(nested[owner].inputs, [t for *_, t in items])
+        owner: keras.Model(_single_input(nested[owner]), [t for *_, t in items])
         for owner, items in records.items()
     }
     sums = {name: 0.0 for name in wanted}
@@ -125,6 +125,16 @@ def collect_covariances(model, sites, data, max_batches=8, max_rows=8192, max_si
     for batch in as_batches(data, max_batches, len(model.inputs[0].shape)):
         run((), batch)
     return {name: sums[name] / counts[name] for name in wanted if counts[name]}
+
+
+def _single_input(model):
+    if len(model.inputs) != 1:
+        raise ValueError(
+            f"`calibration_data` supports models with one input; '{model.name}' "
+            f"has {len(model.inputs)}. Compress without calibration_data, or "
+            "compress the single-input sub-model."
+        )
+    return model.inputs[0]
 
 
 def _input_rows(site, value):

@@ -84,7 +84,7 @@ def compress(
             BatchNorm statistics of the compressed model.
         calibration_batches: how many batches of `calibration_data` to use.
         min_rank: smallest total rank per compressed layer. Default: 8,
-            capped at an eighth of the layer's smaller side (at least 1).
+            capped at a sixteenth of the layer's smaller side (at least 1).
         recalibrate_batchnorm: re-estimate BatchNorm statistics on
             `calibration_data` (when given).
         verbose: 0 silences progress; 1 prints a line per group.
@@ -318,10 +318,24 @@ def _build(model, grouped, plan, kernels, metrics, untouched, seed):
         rc = plan.rank_common[name]
         mats = [kernels[s.name] for s in members]
         basis = None
+        users = [
+            i for i, s in enumerate(members)
+            if plan.layers[s.name] != alloc.DENSE and plan.layers[s.name][0]
+        ]
         if rc:
             full = plan.bases.get(name)
-            if full is None:
-                full = decomposition.shared_basis(mats, rc, side, group_metric, seed)
+            if full is None or len(users) < len(members):
+                # Members that opted out must not pull the basis their way.
+                metric = group_metric
+                if isinstance(metric, list):
+                    metric = [metric[i] for i in users]
+                elif metric is not None:
+                    metric = decomposition.InputMetric.pooled(
+                        [layer_metrics[i].covariance for i in users]
+                    )
+                full = decomposition.shared_basis(
+                    [mats[i] for i in users], rc, side, metric, seed
+                )
             basis = planning.slice_basis(full, rc, side)
             first = members[0].layer
             layer = SharedBasis(

@@ -94,6 +94,7 @@ class InputMetric:
 
     sqrt: np.ndarray
     inv_sqrt: np.ndarray
+    covariance: np.ndarray
 
     @classmethod
     def from_covariance(cls, covariance, damping=1e-2):
@@ -105,7 +106,7 @@ class InputMetric:
         root = np.sqrt(values)
         sqrt = (vectors * root) @ vectors.T
         inv_sqrt = (vectors / root) @ vectors.T
-        return cls(sqrt.astype(np.float32), inv_sqrt.astype(np.float32))
+        return cls(sqrt.astype(np.float32), inv_sqrt.astype(np.float32), covariance)
 
     @classmethod
     def pooled(cls, covariances, damping=1e-2):

@@ -69,8 +69,12 @@ def group_metrics(side, members, covariances):
 
 
 def default_min_rank(m, n):
-    """8, capped at an eighth of the smaller side: sane for wide and narrow layers."""
-    return max(1, min(8, min(m, n) // 8))
+    """8, capped at a sixteenth of the smaller side (at least 1).
+
+    A floor keeps deep layers from being starved to rank 1 at high ratios;
+    scaling it with the width keeps small models compressible.
+    """
+    return max(1, min(8, min(m, n) // 16))
 
 
 def slice_basis(basis, rank, side):

@@ -1,0 +1,273 @@
+"""Benchmarks of micik_tf, one suite per run, results as JSON and markdown.
+
+Suites:
+  compress_speed: `micik_tf.compress()` wall time on the 138M-parameter
+      ImageNet VGG-16 shape (`keras.applications.VGG16(weights=None)`: random
+      weights, since ImageNet weights cannot be downloaded here), for each
+      ratio in `--ratios`, in mode "micik" and "per_layer". Target: 60 s or
+      less at ratio 16 on 2 CPU cores (30 s stretch). With `--smoke` the model
+      is the 32x32 VGG-16 feature extractor (14.7M parameters), for tests.
+
+    python tools/benchmark.py --flagfile=flags/compress_speed.cfg
+"""
+
+import datetime
+import json
+import math
+import os
+import platform
+import subprocess
+import time
+
+from absl import app, flags
+
+FLAGS = flags.FLAGS
+
+MODES = ("micik", "per_layer")
+TARGET = {"ratio": 16.0, "seconds": 60.0, "stretch_seconds": 30.0, "cpu_cores": 2}
+
+
+def define_flags():
+    flags.DEFINE_enum("suite", None, sorted(SUITES), "Which benchmark suite to run.")
+    flags.DEFINE_string("output_dir", "benchmarks/results", "Where <suite>.json and <suite>.md are written.")
+    flags.DEFINE_list("ratios", ["4", "16"], "Target compression ratios, each > 1.")
+    flags.DEFINE_bool(
+        "smoke",
+        False,
+        "Use a small model (VGG16 without its top, 32x32 inputs) so the suite runs in seconds.",
+    )
+    flags.register_validator("ratios", _ratios_valid, message="--ratios must be numbers > 1, e.g. --ratios=4,16")
+    flags.mark_flag_as_required("suite")
+
+
+def _ratios_valid(values):
+    try:
+        return len(values) > 0 and all(float(v) > 1 for v in values)
+    except ValueError:
+        return False
+
+
+def _kernel_layers(model, path=()):
+    """`{path name: layer}` for every Dense/Conv2D leaf, nested models included.
+
+    Path names join the enclosing models' names with "/", as `report()` does.
+    """
+    import keras
+
+    found = {}
+    for layer in model.layers:
+        if isinstance(layer, keras.Model):
+            found.update(_kernel_layers(layer, path + (layer.name,)))
+        elif isinstance(layer, (keras.layers.Dense, keras.layers.Conv2D)):
+            found["/".join(path + (layer.name,))] = layer
+    return found
+
+
+def _squared_norms(model):
+    import keras
+    import numpy as np
+
+    return {
+        name: float(np.sum(np.square(keras.ops.convert_to_numpy(layer.kernel).astype(np.float64))))
+        for name, layer in _kernel_layers(model).items()
+    }
+
+
+def _machine():
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    import micik_tf
+
+    try:
+        affinity = len(os.sched_getaffinity(0))
+    except AttributeError:
+        affinity = None
+    return {
+        "cpu_count": os.cpu_count(),
+        "cpus_usable": affinity,
+        "processor": platform.processor() or platform.machine(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "tensorflow": tf.__version__,
+        "keras": keras.__version__,
+        "numpy": np.__version__,
+        "micik_tf": micik_tf.__version__,
+        "gpus": [d.name for d in tf.config.list_physical_devices("GPU")],
+        "git_commit": _git_commit(),
+    }
+
+
+def _git_commit():
+    try:
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=root, capture_output=True, text=True, check=True,
+        ).stdout.strip()
+        return commit + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def _build_model(smoke):
+    import keras
+
+    if smoke:
+        model = keras.applications.VGG16(weights=None, include_top=False, input_shape=(32, 32, 3))
+        return model, "VGG16(weights=None, include_top=False, input_shape=(32, 32, 3))"
+    return keras.applications.VGG16(weights=None), "VGG16(weights=None) (ImageNet shape, random weights)"
+
+
+def compress_speed(ratios, smoke):
+    import keras
+
+    import micik_tf
+
+    keras.utils.set_random_seed(0)
+    tic = time.perf_counter()
+    model, description = _build_model(smoke)
+    build_seconds = time.perf_counter() - tic
+    norms = _squared_norms(model)
+    total_norm = sum(norms.values())
+    print(f"{description}: {model.count_params():,} parameters, built in {build_seconds:.1f}s", flush=True)
+
+    runs = []
+    for ratio in ratios:
+        for mode in MODES:
+            tic = time.perf_counter()
+            compressed = micik_tf.compress(model, ratio=ratio, mode=mode, verbose=0)
+            seconds = time.perf_counter() - tic
+            recorded = micik_tf.report(compressed)
+            measured = micik_tf.report(compressed, reference=model)
+            errors = {layer["name"]: layer["relative_error"] for layer in measured.layers}
+            # Layers kept dense add no error but their norm counts in the total.
+            residual = sum(errors[name] ** 2 * norms[name] for name in errors)
+            drift = max(
+                (abs(a["relative_error"] - errors[a["name"]]) for a in recorded.layers
+                 if a["relative_error"] is not None),
+                default=0.0,
+            )
+            run = {
+                "mode": mode,
+                "target_ratio": ratio,
+                "seconds": seconds,
+                "achieved_ratio": recorded.ratio,
+                "params_before": recorded.params_before,
+                "params_after": recorded.params_after,
+                "factorized_layers": len(measured.layers),
+                "groups": len(measured.groups),
+                "mean_layer_relative_error": (
+                    sum(errors.values()) / len(errors) if errors else None
+                ),
+                "overall_relative_error": math.sqrt(residual / total_norm),
+                # compress() records each layer's error; report(reference=)
+                # recomputes it from the weights. They must agree.
+                "recorded_vs_recomputed_error_max_diff": drift,
+            }
+            runs.append(run)
+            print(
+                f"{mode:<10} ratio {ratio:>5g}: {seconds:6.1f}s, {run['achieved_ratio']:.2f}x, "
+                f"mean layer error {run['mean_layer_relative_error']:.4f}, "
+                f"overall error {run['overall_relative_error']:.4f}",
+                flush=True,
+            )
+            del compressed
+    return {
+        "model": description,
+        "model_params": int(model.count_params()),
+        "model_build_seconds": build_seconds,
+        "note": (
+            "Random (glorot) weights: their singular values are nearly flat, so the "
+            "errors here are far above those of trained weights. The timings are "
+            "what this suite is for."
+        ),
+        "runs": runs,
+    }
+
+
+SUITES = {"compress_speed": compress_speed}
+
+
+def _markdown(suite, result):
+    lines = [
+        f"# {suite}{' (smoke)' if result['smoke'] else ''}",
+        "",
+        f"Model: {result['model']}, {result['model_params']:,} parameters. "
+        f"Machine: {result['machine']['cpu_count']} CPUs, TensorFlow "
+        f"{result['machine']['tensorflow']}, Keras {result['machine']['keras']}. "
+        f"Written {result['written']} by `python tools/benchmark.py --suite={suite}"
+        f"{' --smoke' if result['smoke'] else ''}`.",
+        "",
+        f"Target: compress() in {TARGET['seconds']:g} s or less at ratio {TARGET['ratio']:g} "
+        f"on {TARGET['cpu_cores']} CPU cores ({TARGET['stretch_seconds']:g} s stretch).",
+        "",
+        "| mode | target ratio | achieved ratio | params before | params after | seconds "
+        "| mean layer rel. error | overall rel. error |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for run in result["runs"]:
+        mean = run["mean_layer_relative_error"]
+        lines.append(
+            f"| {run['mode']} | {run['target_ratio']:g} | {run['achieved_ratio']:.2f} "
+            f"| {run['params_before']:,} | {run['params_after']:,} | {run['seconds']:.1f} "
+            f"| {'-' if mean is None else f'{mean:.4f}'} | {run['overall_relative_error']:.4f} |"
+        )
+    lines += ["", result["note"], ""]
+    return "\n".join(lines)
+
+
+def _atomic_write(path, text):
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+    ratios = [float(r) for r in FLAGS.ratios]
+    suite = FLAGS.suite
+    started = time.perf_counter()
+    result = SUITES[suite](ratios, FLAGS.smoke)
+    machine = _machine()
+    target_runs = [r for r in result["runs"] if r["mode"] == "micik" and r["target_ratio"] == TARGET["ratio"]]
+    result.update(
+        suite=suite,
+        smoke=FLAGS.smoke,
+        ratios=ratios,
+        target=dict(
+            TARGET,
+            model="VGG16(weights=None), 138,357,544 parameters",
+            # Only the full-size model on the target's core count says anything.
+            met=(
+                target_runs[0]["seconds"] <= TARGET["seconds"]
+                if target_runs and not FLAGS.smoke
+                and machine["cpus_usable"] == TARGET["cpu_cores"]
+                else None
+            ),
+        ),
+        machine=machine,
+        written=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        seconds_total=time.perf_counter() - started,
+    )
+    os.makedirs(FLAGS.output_dir, exist_ok=True)
+    json_path = os.path.join(FLAGS.output_dir, f"{suite}.json")
+    md_path = os.path.join(FLAGS.output_dir, f"{suite}.md")
+    _atomic_write(json_path, json.dumps(result, indent=2) + "\n")
+    _atomic_write(md_path, _markdown(suite, result))
+    print(f"wrote {json_path} and {md_path}")
+
+
+if __name__ == "__main__":
+    define_flags()
+    app.run(main)
