@@ -21,6 +21,8 @@ setup(
         "keras>=3.12,<4",
         "tensorflow-datasets>=4.9",
         "absl-py>=2.1",
+        # tf.summary needs it; TF 2.21 no longer installs it.
+        "tensorboard>=2.19",
         "numpy>=1.26",
     ],
     extras_require={

@@ -99,6 +99,13 @@ def _machine():
     }
 
 
+def _load_average():
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (AttributeError, OSError):
+        return None
+
+
 def _git_commit():
     try:
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -154,6 +161,9 @@ def compress_speed(ratios, smoke):
             )
             run = {
                 "mode": mode,
+                # Other processes on the machine slow compress() down; the
+                # 1-minute load average after the run shows whether there were any.
+                "load_average_1min": _load_average(),
                 "target_ratio": ratio,
                 "seconds": seconds,
                 "achieved_ratio": recorded.ratio,
@@ -207,17 +217,25 @@ def _markdown(suite, result):
         f"on {TARGET['cpu_cores']} CPU cores ({TARGET['stretch_seconds']:g} s stretch).",
         "",
         "| mode | target ratio | achieved ratio | params before | params after | seconds "
-        "| mean layer rel. error | overall rel. error |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| mean layer rel. error | overall rel. error | load avg |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for run in result["runs"]:
         mean = run["mean_layer_relative_error"]
         lines.append(
             f"| {run['mode']} | {run['target_ratio']:g} | {run['achieved_ratio']:.2f} "
             f"| {run['params_before']:,} | {run['params_after']:,} | {run['seconds']:.1f} "
-            f"| {'-' if mean is None else f'{mean:.4f}'} | {run['overall_relative_error']:.4f} |"
+            f"| {'-' if mean is None else f'{mean:.4f}'} | {run['overall_relative_error']:.4f} "
+            f"| {run['load_average_1min']} |"
         )
-    lines += ["", result["note"], ""]
+    lines += [
+        "",
+        result["note"],
+        "",
+        "Load avg: the machine's 1-minute load average after each run; above the "
+        "core count, other processes competed for the CPUs and the time is inflated.",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -238,6 +256,7 @@ def main(argv):
     ratios = [float(r) for r in FLAGS.ratios]
     suite = FLAGS.suite
     started = time.perf_counter()
+    load_before = _load_average()
     result = SUITES[suite](ratios, FLAGS.smoke)
     machine = _machine()
     target_runs = [r for r in result["runs"] if r["mode"] == "micik" and r["target_ratio"] == TARGET["ratio"]]
@@ -256,7 +275,7 @@ def main(argv):
                 else None
             ),
         ),
-        machine=machine,
+        machine=dict(machine, load_average_1min_at_start=load_before),
         written=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         seconds_total=time.perf_counter() - started,
     )

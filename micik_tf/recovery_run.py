@@ -1,0 +1,343 @@
+"""One recovery run end to end: teacher, compression, recovery, evaluation,
+exports and report. `tools/train.py` parses flags into a `RunConfig` and calls
+`run()`; tests call `run()` directly on tiny configurations."""
+
+import dataclasses
+import json
+import os
+import tempfile
+import time
+
+import keras
+import tensorflow as tf
+
+import micik_tf
+from micik_tf import data as data_lib
+from micik_tf import distribute, models
+from micik_tf.training import RecoveryConfig, RecoveryTrainer, save_json
+
+TEACHER_ARCHS = ("vgg_style", "vgg_style_small")
+
+
+class UsageError(ValueError):
+    """Bad input from the user: reported as one line, without a traceback."""
+
+
+@dataclasses.dataclass
+class RunConfig:
+    model_dir: str
+    dataset: str = "digits"
+    data_dir: str | None = None
+    image_size: int | None = None
+    augment: tuple = ()
+    teacher: str = "train"
+    teacher_arch: str = "vgg_style"
+    teacher_epochs: int = 20
+    teacher_weights: str = "imagenet"
+    ratio: float = 16.0
+    mode: str = "micik"
+    share: str = "auto"
+    calibration_batches: int = 8
+    validation_fraction: float = 0.1
+    strategy: str = "default"
+    num_gpus: int = 0
+    tpu: str = ""
+    export: tuple = ("keras",)
+    recovery: RecoveryConfig = dataclasses.field(default_factory=RecoveryConfig)
+    verbose: int = 1
+
+    def fingerprint(self):
+        """What decides the student's architecture and data: a resumed run
+        must agree on all of it."""
+        return {
+            "dataset": self.dataset,
+            "image_size": self.image_size,
+            "teacher": self.teacher,
+            "teacher_arch": self.teacher_arch if self.teacher == "train" else None,
+            "ratio": float(self.ratio),
+            "mode": self.mode,
+            "share": self.share,
+            "seed": self.recovery.seed,
+            "batch_size": self.recovery.batch_size,
+        }
+
+
+def _log(config, message):
+    if config.verbose:
+        print(f"[train] {message}", flush=True)
+
+
+def check_model_dir(config):
+    """Refuses a model_dir that holds another run's checkpoints."""
+    path = os.path.join(config.model_dir, "run.json")
+    ckpt = os.path.join(config.model_dir, "checkpoints")
+    mine = config.fingerprint()
+    if os.path.exists(path):
+        with open(path) as f:
+            theirs = json.load(f).get("fingerprint", {})
+        diff = {k: (theirs.get(k), v) for k, v in mine.items() if theirs.get(k) != v}
+        if diff:
+            detail = ", ".join(f"{k}={a!r} there, {b!r} now" for k, (a, b) in diff.items())
+            raise UsageError(
+                f"--model_dir {config.model_dir} holds a different run ({detail}). "
+                "Use a new --model_dir, or delete that one to start over."
+            )
+        return True
+    if os.path.isdir(ckpt) and os.listdir(ckpt):
+        raise UsageError(
+            f"--model_dir {config.model_dir} holds checkpoints of an unknown run "
+            "(no run.json). Use a new --model_dir."
+        )
+    return False
+
+
+def load_teacher(config, source, strategy):
+    """The teacher: reloaded from this run, loaded from a file or
+    keras.applications, or trained here. Returns `(model, how)`."""
+    saved = os.path.join(config.model_dir, "teacher.keras")
+    if os.path.exists(saved):
+        return keras.models.load_model(saved), "reloaded from this run"
+    spec = config.teacher
+    if spec == "train":
+        return _train_teacher(config, source, strategy, saved), f"trained here ({config.teacher_arch})"
+    if spec.startswith("app:"):
+        name = spec[4:]
+        if not hasattr(keras.applications, name):
+            raise UsageError(f"--teacher={spec}: keras.applications has no model {name!r}.")
+        try:
+            model = getattr(keras.applications, name)(
+                weights=config.teacher_weights, input_shape=source.input_shape,
+                classes=source.num_classes,
+            )
+        except Exception as error:  # downloads and shape checks fail in many ways
+            raise UsageError(f"--teacher={spec}: cannot build it ({_first_line(error)}).") from None
+        return model, f"keras.applications.{name}"
+    if not os.path.exists(spec):
+        raise UsageError(
+            f"--teacher={spec}: no such file. Give a .keras file, 'app:<Name>' "
+            "for keras.applications, or 'train' to train one."
+        )
+    try:
+        # safe_mode stays on: a .keras file can carry code (Lambda layers),
+        # and we never execute it silently.
+        model = keras.models.load_model(spec, safe_mode=True)
+    except Exception as error:
+        if "safe_mode" in str(error):
+            raise UsageError(
+                f"--teacher={spec}: the file carries code (e.g. a Lambda layer), "
+                "which Keras' safe_mode refuses to run. Rebuild the teacher "
+                "without Lambda layers (use registered custom layers)."
+            ) from None
+        raise UsageError(
+            f"--teacher={spec}: cannot load it as a Keras 3 model "
+            f"({_first_line(error)}). Is it a .keras file saved by Keras 3?"
+        ) from None
+    return model, f"loaded from {spec}"
+
+
+def _first_line(error):
+    text = str(error).strip().splitlines()
+    return (text[0] if text else type(error).__name__)[:300]
+
+
+def _train_teacher(config, source, strategy, path):
+    if config.teacher_arch not in TEACHER_ARCHS:
+        raise UsageError(f"--teacher_arch={config.teacher_arch!r}: use one of {TEACHER_ARCHS}.")
+    if config.teacher_arch == "vgg_style":
+        model = models.vgg_style(source.input_shape, source.num_classes)
+    else:
+        model = models.vgg_style(source.input_shape, source.num_classes,
+                                 widths=(16, 16, 32, 32), dense=32)
+    batch = config.recovery.batch_size
+    train = data_lib.pipeline(source.train, batch, training=True, seed=config.recovery.seed,
+                              augment=config.augment)
+    steps = config.teacher_epochs * max(1, int(source.train_size or 1000) // batch)
+    model.compile(
+        optimizer=keras.optimizers.Adam(keras.optimizers.schedules.CosineDecay(2e-3, steps)),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=["accuracy"],
+    )
+    model.fit(train, epochs=config.teacher_epochs, verbose=2 if config.verbose else 0)
+    if distribute.is_chief(strategy):
+        save_keras(model, path)
+    return model
+
+
+def save_keras(model, path):
+    """Saves `.keras` atomically (temporary file in the same folder, then rename)."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, suffix=".keras")
+    os.close(fd)
+    try:
+        model.save(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _split_validation(source, config):
+    """Keeps a validation slice of the training set for picking the best
+    student, so the test split is only used for the reported accuracy."""
+    if not source.train_size or config.validation_fraction <= 0:
+        return source.train, source.test, source.train_size
+    n_val = max(1, int(source.train_size * config.validation_fraction))
+    fixed = source.train.shuffle(source.train_size, seed=12345, reshuffle_each_iteration=False)
+    return fixed.skip(n_val), fixed.take(n_val), source.train_size - n_val
+
+
+def run(config):
+    """Runs one recovery job; returns the report dict (also in report.json)."""
+    start = time.perf_counter()
+    rc = config.recovery
+    if not (isinstance(config.ratio, (int, float)) and config.ratio > 1):
+        raise UsageError(f"--ratio must be a number > 1. Received: {config.ratio!r}")
+    if rc.batch_size < 1 or rc.epochs < 0:
+        raise UsageError("--batch_size must be >= 1 and --epochs >= 0.")
+    try:
+        strategy = distribute.get_distribution_strategy(config.strategy, config.num_gpus, config.tpu)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+    try:
+        source = data_lib.load(config.dataset, data_dir=config.data_dir,
+                               image_size=config.image_size, seed=rc.seed)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+    os.makedirs(config.model_dir, exist_ok=True)
+    resuming = check_model_dir(config)
+    chief = distribute.is_chief(strategy)
+    if chief and not resuming:
+        save_json(os.path.join(config.model_dir, "run.json"), {"fingerprint": config.fingerprint()})
+    if rc.mixed_precision:
+        keras.config.set_dtype_policy("mixed_float16")
+
+    train, validation, train_size = _split_validation(source, config)
+    batch = rc.batch_size
+    steps_per_epoch = max(1, int(train_size or 1000) // batch)
+    eval_batch = max(batch, 64)
+
+    def train_epoch(epoch):
+        ds = data_lib.pipeline(train, batch, training=True, seed=rc.seed + epoch,
+                               augment=config.augment, drop_remainder=True)
+        options = tf.data.Options()
+        options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+        return ds.with_options(options).take(steps_per_epoch)
+
+    val_ds = data_lib.pipeline(validation, eval_batch, training=False)
+    test_ds = data_lib.pipeline(source.test, eval_batch, training=False)
+    calibration = data_lib.pipeline(train, batch, training=False)
+
+    with strategy.scope():
+        teacher, how = load_teacher(config, source, strategy)
+        _log(config, f"teacher {teacher.name}: {teacher.count_params():,} parameters, {how}")
+        init_path = os.path.join(config.model_dir, "student_init.keras")
+        if os.path.exists(init_path):
+            student = keras.models.load_model(init_path)
+            _log(config, "compressed student reloaded from this run")
+        else:
+            try:
+                student = micik_tf.compress(
+                    teacher, ratio=config.ratio, mode=config.mode, share=config.share,
+                    calibration_data=calibration, calibration_batches=config.calibration_batches,
+                    verbose=config.verbose,
+                )
+            except (TypeError, ValueError) as error:
+                raise UsageError(f"compress(): {error}") from None
+            if chief:
+                save_keras(student, init_path)
+        trainer = RecoveryTrainer(teacher, student, strategy, rc, config.model_dir,
+                                  steps_per_epoch, verbose=config.verbose)
+
+    teacher_accuracy = trainer.evaluate(teacher, test_ds)
+    before = trainer.evaluate(student, test_ds)
+    resumed_from = trainer.restore()
+    if resumed_from:
+        _log(config, f"resumed from step {resumed_from} (epoch {int(trainer.epoch.numpy()) + 1}, "
+                     f"batch {int(trainer.batch.numpy())}) in {config.model_dir}")
+    history_path = os.path.join(config.model_dir, "history.json")
+    history = []
+    if resumed_from and os.path.exists(history_path):
+        with open(history_path) as f:
+            history = json.load(f)
+    history = trainer.fit(train_epoch, val_ds, history=history,
+                          on_epoch_end=lambda h: save_json(history_path, h))
+    trainer.restore_best()
+    student_accuracy = trainer.evaluate(student, test_ds)
+    trainer.cleanup()
+
+    compression = micik_tf.report(student, reference=teacher).to_dict()
+    report = {
+        "dataset": source.name,
+        "teacher_accuracy": teacher_accuracy,
+        "student_accuracy_before_recovery": before,
+        "student_accuracy": student_accuracy,
+        "params_before": compression["params_before"],
+        "params_after": compression["params_after"],
+        "ratio": compression["ratio"],
+        "steps": int(trainer.step.numpy()),
+        "resumed_from_step": resumed_from,
+        "wall_seconds": time.perf_counter() - start,
+        "strategy": config.strategy,
+        "replicas": strategy.num_replicas_in_sync,
+        "feature_layers": trainer.feature_layers,
+        "loss_weights": {"alpha": rc.alpha, "beta": rc.beta, "gamma": rc.gamma,
+                         "temperature": rc.temperature, "window": rc.window},
+        "history": history,
+        "compression": compression,
+        "exports": {},
+    }
+    if chief:
+        if "keras" in config.export:
+            path = os.path.join(config.model_dir, "student.keras")
+            save_keras(student, path)
+            report["exports"]["keras"] = {"path": path, "bytes": os.path.getsize(path)}
+        plot_path = os.path.join(config.model_dir, "training_curves.png")
+        plot_history(history, teacher_accuracy, plot_path)
+        report["plot"] = plot_path
+        save_json(os.path.join(config.model_dir, "report.json"), report)
+    return report
+
+
+def plot_history(history, teacher_accuracy, path):
+    """Loss components and validation accuracy per epoch, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    epochs = [h["epoch"] for h in history]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    for key, label in (("loss", "total"), ("ce", "CE"), ("kd", "KD"), ("sim", "L_sim"), ("inh", "L_inh")):
+        left.plot(epochs, [h[key] for h in history], marker="o", label=label)
+    left.set_xlabel("epoch")
+    left.set_ylabel("loss (per step, mean)")
+    left.set_yscale("symlog", linthresh=1e-3)
+    left.legend()
+    right.plot(epochs, [h["val_accuracy"] for h in history], marker="o", label="student (val)")
+    right.plot(epochs, [h["train_accuracy"] for h in history], marker=".", label="student (train)")
+    right.axhline(teacher_accuracy, color="k", linestyle="--", label="teacher (test)")
+    right.set_xlabel("epoch")
+    right.set_ylabel("accuracy")
+    right.legend()
+    fig.tight_layout()
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=directory, suffix=".png")
+    os.close(fd)
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def summary_table(report):
+    rows = [
+        ("teacher accuracy", f"{report['teacher_accuracy']:.4f}"),
+        ("student accuracy before recovery", f"{report['student_accuracy_before_recovery']:.4f}"),
+        ("student accuracy", f"{report['student_accuracy']:.4f}"),
+        ("parameters", f"{report['params_before']:,} -> {report['params_after']:,}"),
+        ("ratio", f"{report['ratio']:.2f}x"),
+        ("steps (resumed from)", f"{report['steps']} ({report['resumed_from_step']})"),
+        ("wall time", f"{report['wall_seconds']:.1f} s"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)

@@ -1,0 +1,284 @@
+"""Tests for `micik_tf.data`: every source offline, and the pipeline's contract."""
+
+import os
+
+import numpy as np
+import pytest
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from micik_tf import data
+
+DIGITS_SIZE = 1797
+
+
+def _examples(ds):
+    images, labels = zip(*[(x.numpy(), int(y)) for x, y in ds])
+    return np.stack(images), np.array(labels)
+
+
+def _check_examples(source, ds):
+    image_spec, label_spec = ds.element_spec
+    assert image_spec.dtype == tf.float32
+    assert label_spec.dtype == tf.int32
+    assert tuple(image_spec.shape) == source.input_shape
+    images, labels = _examples(ds)
+    assert images.shape[1:] == source.input_shape
+    assert images.min() >= 0.0 and images.max() <= 1.0
+    assert labels.min() >= 0 and labels.max() < source.num_classes
+    return images, labels
+
+
+# --- digits ---------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def digits():
+    source = data.load("digits", seed=0)
+    return source, _examples(source.train), _examples(source.test)
+
+
+def test_digits_shapes_range_and_classes(digits):
+    source, _, _ = digits
+    assert source.name == "digits"
+    assert source.num_classes == 10
+    assert source.input_shape == (8, 8, 1)
+    train_images, train_labels = _check_examples(source, source.train)
+    test_images, test_labels = _check_examples(source, source.test)
+    assert train_images.max() == 1.0  # 16/16: scaled, not clipped
+    assert source.train_size == len(train_labels)
+    assert len(train_labels) + len(test_labels) == DIGITS_SIZE
+    assert 0.2 < len(test_labels) / DIGITS_SIZE < 0.3
+    assert set(train_labels) == set(test_labels) == set(range(10))
+
+
+def test_digits_split_is_deterministic_per_seed(digits):
+    _, _, (test_images, test_labels) = digits
+    again = data.load("digits", seed=0)
+    images, labels = _examples(again.test)
+    np.testing.assert_array_equal(images, test_images)
+    np.testing.assert_array_equal(labels, test_labels)
+    other, _ = _examples(data.load("digits", seed=1).test)
+    assert not np.array_equal(other, test_images)
+
+
+def test_digits_image_size_resizes():
+    source = data.load("digits", image_size=(16, 12))
+    assert source.input_shape == (16, 12, 1)
+    _check_examples(source, source.test.take(8))
+
+
+# --- TFDS (mocked: nothing reaches the network) ----------------------------
+
+
+@pytest.mark.parametrize(
+    "name, image_size, input_shape",
+    [
+        ("mnist", None, (28, 28, 1)),
+        ("tfds:mnist", 14, (14, 14, 1)),
+        ("cifar10", None, (32, 32, 3)),
+        ("tfds:cifar10", (16, 8), (16, 8, 3)),
+    ],
+)
+def test_tfds_mocked(tmp_path, name, image_size, input_shape):
+    with tfds.testing.mock_data(num_examples=6):
+        source = data.load(name, data_dir=str(tmp_path), image_size=image_size)
+        assert source.name == name.removeprefix("tfds:")
+        assert source.num_classes == 10
+        assert source.input_shape == input_shape
+        _, labels = _check_examples(source, source.train)
+        assert len(labels) == 6
+        _check_examples(source, source.test)
+
+
+def test_tfds_variable_size_images_need_image_size(tmp_path):
+    with tfds.testing.mock_data(num_examples=2):
+        with pytest.raises(ValueError, match="vary in size.*image_size"):
+            data.load("imagenet2012", data_dir=str(tmp_path))
+        source = data.load("imagenet2012", data_dir=str(tmp_path), image_size=8)
+        assert source.num_classes == 1000
+        assert source.input_shape == (8, 8, 3)
+        _check_examples(source, source.test)
+
+
+def test_tfds_not_prepared_and_not_downloadable(tmp_path, monkeypatch):
+    def no_network(self, *args, **kwargs):
+        raise OSError("Network is unreachable")
+
+    monkeypatch.setattr(tfds.core.DatasetBuilder, "download_and_prepare", no_network)
+    with pytest.raises(ValueError, match="not prepared") as error:
+        data.load("mnist", data_dir=str(tmp_path))
+    message = str(error.value)
+    assert "'mnist'" in message and "tfds build" in message
+    assert "Network is unreachable" in message
+
+
+def test_tfds_eval_split_choice():
+    assert data._pick_eval_split("cifar10", {"train": 1, "test": 1}) == "test"
+    assert data._pick_eval_split("imagenette", {"train": 1, "validation": 1}) == (
+        "validation"
+    )
+    # ImageNet's test split is unlabeled (label -1).
+    splits = {"train": 1, "validation": 1, "test": 1}
+    assert data._pick_eval_split("imagenet2012", splits) == "validation"
+    with pytest.raises(ValueError, match="no 'train' split"):
+        data._pick_eval_split("imagenet_v2", {"test": 1})
+
+
+# --- image folders ---------------------------------------------------------
+
+CLASSES = ("ant", "bee", "cat")
+
+
+def _write_images(directory, classes=CLASSES, per_class=6, size=(10, 10)):
+    for label, name in enumerate(classes):
+        os.makedirs(directory / name, exist_ok=True)
+        for i in range(per_class):
+            # The red channel encodes the class, so labels can be checked
+            # against pixel values after loading.
+            pixels = np.full((*size, 3), 40 + 80 * label, dtype=np.uint8)
+            pixels[..., 1] = 10 * i
+            png = tf.io.encode_png(tf.constant(pixels))
+            tf.io.write_file(str(directory / name / f"{i:03d}.png"), png)
+
+
+def _check_labels_match_pixels(images, labels):
+    red = images[..., 0].mean(axis=(1, 2)) * 255.0
+    np.testing.assert_allclose(red, 40 + 80 * labels, atol=1.0)
+
+
+def test_folder_split(tmp_path):
+    folder = tmp_path / "shapes"
+    _write_images(folder)
+    source = data.load(str(folder), image_size=8, validation_split=0.25)
+    assert source.name == "shapes"
+    assert source.num_classes == 3
+    assert source.input_shape == (8, 8, 3)
+    train_images, train_labels = _check_examples(source, source.train)
+    test_images, test_labels = _check_examples(source, source.test)
+    assert len(train_labels) + len(test_labels) == 18
+    assert source.train_size == len(train_labels)
+    assert len(test_labels) == round(0.25 * 18)
+    _check_labels_match_pixels(train_images, train_labels)
+    _check_labels_match_pixels(test_images, test_labels)
+    # The split depends only on the seed.
+    again = data.load(f"folder:{folder}", image_size=8, validation_split=0.25)
+    again_images, _ = _examples(again.test)
+    np.testing.assert_array_equal(again_images, test_images)
+
+
+def test_folder_train_test_layout(tmp_path):
+    _write_images(tmp_path / "train", per_class=4)
+    _write_images(tmp_path / "test", per_class=2)
+    source = data.load(f"folder:{tmp_path}")
+    assert source.num_classes == 3
+    assert source.input_shape == (32, 32, 3)  # the folder default size
+    assert source.train_size == 12
+    train_images, train_labels = _check_examples(source, source.train)
+    test_images, test_labels = _check_examples(source, source.test)
+    assert sorted(test_labels) == [0, 0, 1, 1, 2, 2]
+    _check_labels_match_pixels(train_images, train_labels)
+    _check_labels_match_pixels(test_images, test_labels)
+
+
+# --- pipeline --------------------------------------------------------------
+
+
+def _numbered(n=20, size=4):
+    """Examples whose image is filled with their index, to trace the order."""
+    images = np.arange(n, dtype=np.float32)[:, None, None, None] / n
+    images = np.broadcast_to(images, (n, size, size, 1))
+    return tf.data.Dataset.from_tensor_slices((images, np.arange(n, dtype=np.int32)))
+
+
+def _epoch(ds):
+    return np.concatenate([labels.numpy() for _, labels in ds])
+
+
+def test_pipeline_batches_and_keeps_eval_order():
+    ds = data.pipeline(_numbered(), batch_size=6, training=False)
+    shapes = [tuple(images.shape) for images, _ in ds]
+    assert shapes == [(6, 4, 4, 1)] * 3 + [(2, 4, 4, 1)]
+    np.testing.assert_array_equal(_epoch(ds), np.arange(20))
+    dropped = data.pipeline(_numbered(), 6, training=False, drop_remainder=True)
+    assert [int(labels.shape[0]) for _, labels in dropped] == [6, 6, 6]
+
+
+def test_pipeline_shuffle_is_deterministic_per_seed():
+    first = data.pipeline(_numbered(), 5, training=True, seed=3)
+    again = data.pipeline(_numbered(), 5, training=True, seed=3)
+    other = data.pipeline(_numbered(), 5, training=True, seed=4)
+    epoch_1, epoch_2 = _epoch(first), _epoch(first)
+    np.testing.assert_array_equal(np.sort(epoch_1), np.arange(20))
+    assert not np.array_equal(epoch_1, np.arange(20))
+    assert not np.array_equal(epoch_1, epoch_2)  # reshuffled every epoch
+    np.testing.assert_array_equal(_epoch(again), epoch_1)
+    assert not np.array_equal(_epoch(other), epoch_1)
+
+
+@pytest.mark.parametrize(
+    "augment", [("flip",), ("crop",), ("shift",), ("flip", "crop")]
+)
+def test_pipeline_augments_training_only(augment):
+    source = data.load("digits")
+    ds = source.train.take(64)
+    plain, _ = next(iter(data.pipeline(ds, 64, training=False)))
+    evaluated, _ = next(iter(data.pipeline(ds, 64, training=False, augment=augment)))
+    np.testing.assert_array_equal(evaluated.numpy(), plain.numpy())
+
+    def trained(seed):
+        return data.pipeline(ds, 64, training=True, seed=seed, augment=augment)
+
+    images, labels = next(iter(trained(0)))
+    assert images.shape == (64, 8, 8, 1) and images.dtype == tf.float32
+    assert images.numpy().min() >= 0.0 and images.numpy().max() <= 1.0
+    again, _ = next(iter(trained(0)))
+    np.testing.assert_array_equal(again.numpy(), images.numpy())
+    # The same seed shuffles the same way with or without augmentation, so
+    # the batches hold the same examples: only the pixels may differ.
+    unaugmented, same_labels = next(iter(data.pipeline(ds, 64, True, seed=0)))
+    np.testing.assert_array_equal(labels.numpy(), same_labels.numpy())
+    assert not np.array_equal(images.numpy(), unaugmented.numpy())
+
+
+def test_pipeline_rejects_unknown_augmentation():
+    with pytest.raises(ValueError, match="'rotate'.*crop.*flip.*shift"):
+        data.pipeline(_numbered(), 4, training=True, augment=("flip", "rotate"))
+    with pytest.raises(ValueError, match="batch_size"):
+        data.pipeline(_numbered(), 0, training=True)
+
+
+# --- errors ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["foo", "tfds:foo_not_a_dataset"])
+def test_unknown_dataset(name):
+    with pytest.raises(ValueError, match="Unknown dataset") as error:
+        data.load(name)
+    message = str(error.value)
+    assert name.removeprefix("tfds:") in message
+    assert "digits" in message and "cifar10" in message
+    assert "\n" not in message  # one line, not TFDS's list of every dataset
+
+
+@pytest.mark.parametrize("prefix", ["", "folder:"])
+def test_missing_folder(tmp_path, prefix):
+    missing = tmp_path / "nowhere"
+    with pytest.raises(ValueError, match="does not exist") as error:
+        data.load(prefix + str(missing))
+    assert str(missing) in str(error.value)
+
+
+def test_empty_folder(tmp_path):
+    with pytest.raises(ValueError, match="empty"):
+        data.load(str(tmp_path))
+    (tmp_path / "cat").mkdir()  # a class folder, but no images in it
+    with pytest.raises(ValueError, match="has no images") as error:
+        data.load(f"folder:{tmp_path}")
+    assert str(tmp_path) in str(error.value)
+
+
+@pytest.mark.parametrize("image_size", [0, (8,), (8, -1), "big", 2.5])
+def test_invalid_image_size(image_size):
+    with pytest.raises(ValueError, match="image_size"):
+        data.load("digits", image_size=image_size)

@@ -1,0 +1,65 @@
+import numpy as np
+import pytest
+
+from micik_tf import decomposition as dec
+
+
+def _decaying(m, n, seed=0):
+    rng = np.random.default_rng(seed)
+    u, _ = np.linalg.qr(rng.standard_normal((m, min(m, n))))
+    v, _ = np.linalg.qr(rng.standard_normal((n, min(m, n))))
+    s = 0.9 ** np.arange(min(m, n))
+    return ((u * s) @ v.T).astype("float32")
+
+
+def test_randomized_svd_matches_exact_on_the_leading_spectrum():
+    matrix = _decaying(2600, 1400)
+    _, s_fast, _ = dec.top_svd(matrix, 20)  # randomized: side > 1024, k small
+    s_exact = np.linalg.svd(matrix, compute_uv=False)[:20]
+    np.testing.assert_allclose(s_fast, s_exact, rtol=1e-3)
+    np.testing.assert_allclose(dec.singular_values(matrix, 20), s_exact, rtol=1e-3)
+
+
+def test_shared_basis_is_orthonormal_and_scale_invariant_per_layer():
+    a, b = _decaying(40, 12, 1), _decaying(40, 30, 2)
+    basis = dec.shared_basis([a, b], 6)
+    np.testing.assert_allclose(basis.T @ basis, np.eye(6), atol=1e-5)
+    # Normalising each layer: scaling one member does not change the basis.
+    scaled = dec.shared_basis([100 * a, b], 6)
+    np.testing.assert_allclose(np.abs(scaled.T @ basis), np.eye(6), atol=1e-3)
+
+
+@pytest.mark.parametrize("side", ["input", "output"])
+def test_full_rank_factorization_is_exact(side):
+    w = _decaying(20, 8)
+    basis = dec.shared_basis([w, _decaying(20, 8, 3)], 8 if side == "input" else 8, side)
+    factors = dec.factorize(w, 8, basis[:, :3] if side == "input" else basis[:3], side)
+    np.testing.assert_allclose(factors.approximation, w, atol=1e-5)
+
+
+@pytest.mark.parametrize("with_metric", [False, True])
+def test_spectrum_predicts_the_factorization_error(with_metric):
+    rng = np.random.default_rng(0)
+    w = _decaying(30, 20)
+    metric = None
+    if with_metric:
+        x = rng.standard_normal((500, 30)) @ rng.standard_normal((30, 30))
+        metric = dec.InputMetric.from_covariance(x.T @ x / 500)
+    basis = dec.shared_basis([w, _decaying(30, 20, 5)], 4, "input", metric)
+    errors, reference = dec.residual_spectrum(w, basis, 10, "input", metric)
+    for rank in (0, 3, 10):
+        approx = dec.factorize(w, rank, basis, "input", metric).approximation
+        diff = w - approx
+        measured = np.sum(np.square(diff if metric is None else metric.apply(diff)))
+        np.testing.assert_allclose(errors[rank], measured, rtol=1e-3, atol=1e-6)
+    assert np.all(np.diff(errors) <= 1e-9)  # more rank never hurts
+
+
+def test_metric_whitening_equals_output_error():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((400, 10)) * np.arange(1, 11)
+    metric = dec.InputMetric.from_covariance(x.T @ x / 400, damping=0.0)
+    d = rng.standard_normal((10, 4))
+    np.testing.assert_allclose(
+        np.sum(np.square(x @ d)) / 400, np.sum(np.square(metric.apply(d))), rtol=1e-4
+    )
