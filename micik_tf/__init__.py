@@ -11,17 +11,29 @@ imports tensorflow-model-optimization or tf_keras: `tf.keras` stays Keras 3.
 from micik_tf.calibration import recalibrate_batchnorm
 from micik_tf.compress import DEFAULT_RATIO, compress
 from micik_tf.layers import FactorizedConv2D, FactorizedDense, SharedBasis
+from micik_tf.losses import (
+    CrossLayerSimilarity,
+    LayerInheritance,
+    feature_model,
+    linear_cka,
+    logits_distillation,
+)
 from micik_tf.report import Report, report
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "CrossLayerSimilarity",
     "DEFAULT_RATIO",
     "FactorizedConv2D",
     "FactorizedDense",
+    "LayerInheritance",
     "Report",
     "SharedBasis",
     "compress",
+    "feature_model",
+    "linear_cka",
+    "logits_distillation",
     "recalibrate_batchnorm",
     "report",
 ]

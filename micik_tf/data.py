@@ -1,8 +1,10 @@
 """Input pipelines for training and evaluation: `load()` then `pipeline()`.
 
-    source = micik_tf.data.load("cifar10", data_dir="/data/tfds", image_size=32)
-    train = pipeline(source.train, 128, training=True, augment=("flip", "crop"))
-    test = pipeline(source.test, 256, training=False)
+    from micik_tf import data
+
+    source = data.load("cifar10", data_dir="/data/tfds")
+    train = data.pipeline(source.train, 128, training=True, augment=("flip", "crop"))
+    test = data.pipeline(source.test, 256, training=False)
 
 `load()` turns a dataset string into a `DataSource` of *unbatched*
 `(image float32 in [0, 1], label int32)` examples, so every source looks the
@@ -55,6 +57,10 @@ _UNLABELED_TEST_SPLIT = ("imagenet2012",)
 class DataSource:
     """A dataset's two splits and what a model needs to know about them.
 
+    Both splits yield the same examples in the same order on every pass
+    (`pipeline()` does the shuffling), so a caller may carve a fixed
+    validation slice out of `train` with `take`/`skip`.
+
     Attributes:
         train: unbatched `(image, label)` examples, `image` float32 in
             `[0, 1]` with shape `input_shape`, `label` an int32 scalar.
@@ -88,9 +94,10 @@ def load(dataset, data_dir=None, image_size=None, validation_split=0.2, seed=0):
         image_size: an int or an `(height, width)` pair to resize images to.
             `None` keeps the dataset's own size; image folders then use
             `DEFAULT_FOLDER_IMAGE_SIZE`.
-        validation_split: the fraction of an image folder held out as the
-            test split, when the folder has no `train/` and `test/` folders.
-        seed: the seed of the digits split and the image folder split.
+        validation_split: the fraction of each class of an image folder held
+            out as the test split, when the folder has no `train/` and
+            `test/` folders.
+        seed: the seed of the digits split and of the image folder split.
 
     Returns:
         A `DataSource`.
@@ -274,21 +281,32 @@ def _to_example(image, label, size):
     return image, tf.cast(label, tf.int32)
 
 
+def _stratified_test_mask(labels, fraction, seed):
+    """Marks about `fraction` of each class as test, by a seeded permutation.
+
+    Stratified, so both splits see every class in its natural proportion, and
+    a function of `seed` only, so runs with the same seed are compared on the
+    same test examples. A class with two or more examples keeps at least one
+    on each side.
+    """
+    rng = np.random.default_rng(seed)
+    is_test = np.zeros(len(labels), dtype=bool)
+    for label in np.unique(labels):
+        members = rng.permutation(np.flatnonzero(labels == label))
+        n_test = round(fraction * len(members))
+        if len(members) >= 2:
+            n_test = min(max(n_test, 1), len(members) - 1)
+        is_test[members[:n_test]] = True
+    return is_test
+
+
 def _load_digits(size, seed):
     from sklearn.datasets import load_digits
 
     bunch = load_digits()
     images = (bunch.images / 16.0).astype(np.float32)[..., None]  # 0..16 pixels
     labels = bunch.target.astype(np.int32)
-    # A seeded permutation per class: a stratified split that depends only on
-    # `seed`, so runs with the same seed are compared on the same test images.
-    rng = np.random.default_rng(seed)
-    test_index = []
-    for label in np.unique(labels):
-        members = rng.permutation(np.flatnonzero(labels == label))
-        test_index.extend(members[: round(DIGITS_TEST_FRACTION * len(members))])
-    is_test = np.zeros(len(labels), dtype=bool)
-    is_test[test_index] = True
+    is_test = _stratified_test_mask(labels, DIGITS_TEST_FRACTION, seed)
 
     def split(mask):
         ds = tf.data.Dataset.from_tensor_slices((images[mask], labels[mask]))
@@ -463,16 +481,22 @@ def _image_folder(directory, size, **kwargs):
             "Expected one subfolder per class holding its images, e.g. "
             f"{os.path.join(directory, 'cat', '001.png')}."
         ) from error
-    datasets = result if isinstance(result, (list, tuple)) else [result]
     # Keras yields float32 pixels in [0, 255]; the labels are already int32.
-    scaled = [
-        ds.map(
-            lambda x, y: (x / 255.0, tf.cast(y, tf.int32)),
-            num_parallel_calls=tf.data.AUTOTUNE,
-        )
-        for ds in datasets
-    ]
-    return scaled, datasets[0].class_names, len(datasets[0].file_paths)
+    scaled = result.map(
+        lambda x, y: (x / 255.0, tf.cast(y, tf.int32)),
+        num_parallel_calls=tf.data.AUTOTUNE,
+    )
+    return scaled, result.class_names, result.file_paths
+
+
+def _select(ds, mask):
+    """The examples of `ds` whose position is marked in the bool array `mask`."""
+    mask = tf.constant(mask)
+    return (
+        ds.enumerate()
+        .filter(lambda i, example: tf.gather(mask, i))
+        .map(lambda i, example: example)
+    )
 
 
 def _has_subfolders(directory):
@@ -515,34 +539,52 @@ def _load_folder(path, size, validation_split, seed):
         if os.path.isdir(os.path.join(directory, name))
     ]
     train_dir = os.path.join(directory, "train")
+    # Keras is asked not to shuffle: its shuffle reorders the examples on every
+    # pass, which would break the `DataSource` promise of a fixed order (and
+    # with it any validation slice carved out of `train`). `pipeline()`
+    # shuffles instead.
     if os.path.isdir(train_dir) and eval_dirs:
-        # The folder brings its own split. The order within each split does
-        # not matter (`pipeline()` shuffles), so Keras need not shuffle.
-        (train,), class_names, train_size = _image_folder(
+        # The folder brings its own split.
+        train, class_names, train_files = _image_folder(
             train_dir, size, shuffle=False
         )
         # The test folder must use the training folder's classes, in the same
         # order, or its labels would silently mean other classes.
-        (test,), _, _ = _image_folder(
+        test, _, _ = _image_folder(
             eval_dirs[0], size, shuffle=False, class_names=class_names
         )
+        train_size = len(train_files)
     else:
-        if not 0.0 < float(validation_split) < 1.0:
+        if not (
+            isinstance(validation_split, (int, float, np.floating))
+            and 0.0 < validation_split < 1.0
+        ):
             raise ValueError(
                 "Received an invalid value for `validation_split`, expected a "
                 "fraction strictly between 0 and 1. Received: "
                 f"validation_split={validation_split!r}"
             )
-        # Keras shuffles the file list with `seed` before splitting, so the
-        # split is random but the same for the same seed.
-        (train, test), class_names, train_size = _image_folder(
-            directory,
-            size,
-            shuffle=True,
-            seed=seed,
-            validation_split=validation_split,
-            subset="both",
+        examples, class_names, files = _image_folder(directory, size, shuffle=False)
+        # Keras's own `validation_split` is not stratified and only comes with
+        # its reshuffling, so split by file here, with the digits' rule. The
+        # labels come from the paths (`<directory>/<class>/...`), not from
+        # decoding the images.
+        label_of = {name: i for i, name in enumerate(class_names)}
+        labels = np.array(
+            [label_of[os.path.relpath(f, directory).split(os.sep)[0]] for f in files]
         )
+        is_test = _stratified_test_mask(labels, float(validation_split), seed)
+        if is_test.all() or not is_test.any():
+            raise ValueError(
+                f"Image folder {path!r} has too few images ({len(files)}) to "
+                f"hold out validation_split={validation_split}: add images, or "
+                "use separate train/ and test/ folders."
+            )
+        # Each split still decodes the other's images before dropping them;
+        # `pipeline(cache=True)` pays that once, on the first pass.
+        train = _select(examples, ~is_test)
+        test = _select(examples, is_test)
+        train_size = int((~is_test).sum())
     return DataSource(
         train=train,
         test=test,

@@ -39,7 +39,9 @@ def get_distribution_strategy(name="default", num_gpus=0, tpu_address=""):
         )
     if num_gpus < 0:
         raise ValueError(f"`num_gpus` must be >= 0. Received: {num_gpus}")
-    available = len(tf.config.list_logical_devices("GPU"))
+    # Physical, not logical: listing logical devices initialises the runtime,
+    # after which MultiWorkerMirroredStrategy can no longer configure itself.
+    available = len(tf.config.list_physical_devices("GPU"))
     if num_gpus > available:
         raise ValueError(
             f"--num_gpus={num_gpus} but TensorFlow sees {available} GPU(s). "

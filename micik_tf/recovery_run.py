@@ -43,6 +43,7 @@ class RunConfig:
     num_gpus: int = 0
     tpu: str = ""
     export: tuple = ("keras",)
+    steps_per_epoch: int | None = None
     recovery: RecoveryConfig = dataclasses.field(default_factory=RecoveryConfig)
     verbose: int = 1
 
@@ -158,13 +159,20 @@ def _train_teacher(config, source, strategy, path):
         metrics=["accuracy"],
     )
     model.fit(train, epochs=config.teacher_epochs, verbose=2 if config.verbose else 0)
-    if distribute.is_chief(strategy):
-        save_keras(model, path)
+    save_keras(model, path, strategy)
     return model
 
 
-def save_keras(model, path):
-    """Saves `.keras` atomically (temporary file in the same folder, then rename)."""
+def save_keras(model, path, strategy=None):
+    """Saves `.keras` atomically (temporary file in the same folder, then rename).
+
+    Under a multi-worker strategy every worker must save (reading distributed
+    variables is collective); only the chief's file is kept.
+    """
+    if strategy is not None and not distribute.is_chief(strategy):
+        with tempfile.TemporaryDirectory() as scratch:
+            model.save(os.path.join(scratch, "discard.keras"))
+        return
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=directory, suffix=".keras")
@@ -187,18 +195,25 @@ def _split_validation(source, config):
     return fixed.skip(n_val), fixed.take(n_val), source.train_size - n_val
 
 
-def run(config):
-    """Runs one recovery job; returns the report dict (also in report.json)."""
+def run(config, strategy=None):
+    """Runs one recovery job; returns the report dict (also in report.json).
+
+    Args:
+        config: a `RunConfig`.
+        strategy: the `tf.distribute.Strategy` (default: built from
+            `config.strategy`; multi-worker must build it at program start).
+    """
     start = time.perf_counter()
     rc = config.recovery
     if not (isinstance(config.ratio, (int, float)) and config.ratio > 1):
         raise UsageError(f"--ratio must be a number > 1. Received: {config.ratio!r}")
     if rc.batch_size < 1 or rc.epochs < 0:
         raise UsageError("--batch_size must be >= 1 and --epochs >= 0.")
-    try:
-        strategy = distribute.get_distribution_strategy(config.strategy, config.num_gpus, config.tpu)
-    except ValueError as error:
-        raise UsageError(str(error)) from None
+    if strategy is None:
+        try:
+            strategy = distribute.get_distribution_strategy(config.strategy, config.num_gpus, config.tpu)
+        except ValueError as error:
+            raise UsageError(str(error)) from None
     try:
         source = data_lib.load(config.dataset, data_dir=config.data_dir,
                                image_size=config.image_size, seed=rc.seed)
@@ -215,6 +230,8 @@ def run(config):
     train, validation, train_size = _split_validation(source, config)
     batch = rc.batch_size
     steps_per_epoch = max(1, int(train_size or 1000) // batch)
+    if config.steps_per_epoch:
+        steps_per_epoch = min(steps_per_epoch, int(config.steps_per_epoch))
     eval_batch = max(batch, 64)
 
     def train_epoch(epoch):
@@ -244,8 +261,7 @@ def run(config):
                 )
             except (TypeError, ValueError) as error:
                 raise UsageError(f"compress(): {error}") from None
-            if chief:
-                save_keras(student, init_path)
+            save_keras(student, init_path, strategy)
         trainer = RecoveryTrainer(teacher, student, strategy, rc, config.model_dir,
                                   steps_per_epoch, verbose=config.verbose)
 
@@ -287,11 +303,12 @@ def run(config):
         "compression": compression,
         "exports": {},
     }
-    if chief:
-        if "keras" in config.export:
-            path = os.path.join(config.model_dir, "student.keras")
-            save_keras(student, path)
+    if "keras" in config.export:
+        path = os.path.join(config.model_dir, "student.keras")
+        save_keras(student, path, strategy)
+        if chief:
             report["exports"]["keras"] = {"path": path, "bytes": os.path.getsize(path)}
+    if chief:
         plot_path = os.path.join(config.model_dir, "training_curves.png")
         plot_history(history, teacher_accuracy, plot_path)
         report["plot"] = plot_path

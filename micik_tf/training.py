@@ -6,9 +6,10 @@ The student (the compressed model) learns from the frozen teacher through
 
 (MICIK.md section 1). Each step runs on every replica with `strategy.run`.
 Per-example losses are averaged over the *global* batch; the KD term (a mean
-over the local batch) and the CKA terms (computed on the all-gathered global
-batch) are divided by the number of replicas, so that the summed gradients
-equal those of one device on the same global batch.
+over the local batch, which Keras' Loss already divides by the replica count)
+and the CKA terms (computed on the all-gathered global batch) count
+1/replicas each, so that the summed gradients equal those of one device on
+the same global batch (a test checks it).
 
 Checkpoints hold the student, the optimizer, the global step and the data
 position (epoch and batch within it). Each epoch's shuffle is seeded by the
@@ -169,7 +170,10 @@ class RecoveryTrainer:
         # Batch-level terms: average over replicas by dividing before the sum.
         share = 1.0 / self.replicas
         zero = tf.constant(0.0)
-        kd = self.kd.compute_loss(t_logits, s_logits) * share if config.alpha else zero
+        # No `share` here: LogitsDistillation reduces through a keras.losses
+        # Loss object, and Keras already divides those by the number of
+        # replicas inside a tf.distribute replica context.
+        kd = self.kd.compute_loss(t_logits, s_logits) if config.alpha else zero
         t_feats, s_feats = list(t_out[1:]), list(s_out[1:])
         if self.replicas > 1 and (config.beta or config.gamma):
             # CKA is a statistic of the whole batch: gather every replica's
@@ -324,8 +328,11 @@ class RecoveryTrainer:
                 tf.summary.scalar("val/accuracy", val_accuracy)
             if val_accuracy > best:
                 best = val_accuracy
-                if self.chief:
-                    self.student.save_weights(best_path)
+                # Every worker saves (collective reads); only the chief keeps it.
+                self.student.save_weights(
+                    best_path if self.chief
+                    else os.path.join(self._ckpt_dir, "discard.weights.h5")
+                )
             if self.verbose and self.chief:
                 print(f"  val_accuracy={val_accuracy:.4f} (best {best:.4f})")
             self.epoch.assign_add(1)
@@ -338,7 +345,8 @@ class RecoveryTrainer:
 
     def restore_best(self):
         """Loads the best-validation weights into the student, if saved."""
-        path = os.path.join(self.model_dir, "best.weights.h5")
+        path = os.path.join(self.model_dir if self.chief else self._ckpt_dir,
+                            "best.weights.h5" if self.chief else "discard.weights.h5")
         if os.path.exists(path):
             self.student.load_weights(path)
             return True

@@ -147,6 +147,12 @@ def _check_labels_match_pixels(images, labels):
     np.testing.assert_allclose(red, 40 + 80 * labels, atol=1.0)
 
 
+def _image_ids(images, labels):
+    """(class, index) of each image written by `_write_images`."""
+    index = np.round(images[:, 0, 0, 1] * 255.0 / 10.0).astype(int)
+    return set(zip(labels.tolist(), index.tolist()))
+
+
 def test_folder_split(tmp_path):
     folder = tmp_path / "shapes"
     _write_images(folder)
@@ -156,15 +162,20 @@ def test_folder_split(tmp_path):
     assert source.input_shape == (8, 8, 3)
     train_images, train_labels = _check_examples(source, source.train)
     test_images, test_labels = _check_examples(source, source.test)
-    assert len(train_labels) + len(test_labels) == 18
-    assert source.train_size == len(train_labels)
-    assert len(test_labels) == round(0.25 * 18)
+    assert source.train_size == len(train_labels) == 12
+    # Stratified: round(0.25 * 6) = 2 test images of each class.
+    assert sorted(test_labels) == [0, 0, 1, 1, 2, 2]
     _check_labels_match_pixels(train_images, train_labels)
     _check_labels_match_pixels(test_images, test_labels)
-    # The split depends only on the seed.
+    assert not _image_ids(train_images, train_labels) & _image_ids(
+        test_images, test_labels
+    )
+    # Every pass yields the same order, and the split depends only on the seed.
+    np.testing.assert_array_equal(_examples(source.train)[0], train_images)
     again = data.load(f"folder:{folder}", image_size=8, validation_split=0.25)
-    again_images, _ = _examples(again.test)
-    np.testing.assert_array_equal(again_images, test_images)
+    np.testing.assert_array_equal(_examples(again.test)[0], test_images)
+    other = data.load(str(folder), image_size=8, validation_split=0.25, seed=1)
+    assert not np.array_equal(_examples(other.test)[0], test_images)
 
 
 def test_folder_train_test_layout(tmp_path):
@@ -276,6 +287,13 @@ def test_empty_folder(tmp_path):
     with pytest.raises(ValueError, match="has no images") as error:
         data.load(f"folder:{tmp_path}")
     assert str(tmp_path) in str(error.value)
+
+
+@pytest.mark.parametrize("validation_split", [0.0, 1.0, None])
+def test_folder_invalid_validation_split(tmp_path, validation_split):
+    _write_images(tmp_path, per_class=2)
+    with pytest.raises(ValueError, match="validation_split"):
+        data.load(str(tmp_path), validation_split=validation_split)
 
 
 @pytest.mark.parametrize("image_size", [0, (8,), (8, -1), "big", 2.5])

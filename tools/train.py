@@ -50,6 +50,8 @@ def define_flags():
     flags.DEFINE_float("clip_norm", None, "Global gradient-norm clipping.")
     flags.DEFINE_integer("epochs", 10, "Recovery epochs.")
     flags.DEFINE_integer("batch_size", 64, "Global batch size.")
+    flags.DEFINE_integer("steps_per_epoch", None, "Cap on steps per epoch (default: "
+                         "one pass over the training split). For smoke runs.")
     flags.DEFINE_integer("seed", 0, "Seed of data order and initialisation.")
     flags.DEFINE_bool("mixed_precision", False, "mixed_float16 with loss scaling.")
     # Run.
@@ -84,6 +86,13 @@ def main(argv):
     from micik_tf import recovery_run
     from micik_tf.training import RecoveryConfig
 
+    # The strategy comes first: MultiWorkerMirroredStrategy must configure
+    # collective ops before TensorFlow runs anything (seeding included).
+    try:
+        strategy = distribute.get_distribution_strategy(FLAGS.strategy, FLAGS.num_gpus, FLAGS.tpu)
+    except ValueError as error:
+        print(f"train.py: error: {error}", file=sys.stderr)
+        return 2
     keras.utils.set_random_seed(FLAGS.seed)
     if FLAGS.deterministic:
         tf.config.experimental.enable_op_determinism()
@@ -98,6 +107,7 @@ def main(argv):
         share=FLAGS.share, calibration_batches=FLAGS.calibration_batches,
         strategy=FLAGS.strategy, num_gpus=FLAGS.num_gpus, tpu=FLAGS.tpu,
         export=tuple(FLAGS.export), verbose=FLAGS.verbose,
+        steps_per_epoch=FLAGS.steps_per_epoch,
         recovery=RecoveryConfig(
             alpha=FLAGS.alpha, beta=FLAGS.beta, gamma=FLAGS.gamma,
             temperature=FLAGS.temperature, window=FLAGS.window, w_near=FLAGS.w_near,
@@ -109,7 +119,7 @@ def main(argv):
         ),
     )
     try:
-        report = recovery_run.run(config)
+        report = recovery_run.run(config, strategy)
     except recovery_run.UsageError as error:
         if FLAGS.debug:
             raise

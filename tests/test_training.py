@@ -1,0 +1,197 @@
+"""tools/train.py end to end on tiny configurations: strategies, resume after a
+kill, and the one-line errors. Each run is a subprocess, as users run it."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+import keras
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TRAIN = os.path.join(ROOT, "tools", "train.py")
+
+
+def _env(extra=None):
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=ROOT)
+    env.pop("TF_CONFIG", None)
+    env.update(extra or {})
+    return env
+
+
+def _run(args, extra_env=None, timeout=300):
+    return subprocess.run(
+        [sys.executable, TRAIN, *args], capture_output=True, text=True,
+        timeout=timeout, env=_env(extra_env), cwd=ROOT,
+    )
+
+
+@pytest.fixture(scope="module")
+def teacher_file(tmp_path_factory):
+    """A small digits teacher without BatchNorm (BatchNorm statistics are
+    per replica, which would make strategies differ by design)."""
+    from micik_tf import data
+
+    source = data.load("digits")
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((8, 8, 1))
+    x = keras.layers.Conv2D(16, 3, padding="same", activation="relu", name="conv1")(inputs)
+    x = keras.layers.Conv2D(16, 3, padding="same", activation="relu", name="conv2")(x)
+    x = keras.layers.MaxPooling2D()(x)
+    x = keras.layers.Conv2D(32, 3, padding="same", activation="relu", name="conv3")(x)
+    x = keras.layers.Conv2D(32, 3, padding="same", activation="relu", name="conv4")(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    x = keras.layers.Dense(32, activation="relu", name="fc1")(x)
+    model = keras.Model(inputs, keras.layers.Dense(10, name="logits")(x))
+    model.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.fit(data.pipeline(source.train, 64, training=True), epochs=4, verbose=0)
+    path = tmp_path_factory.mktemp("teacher") / "teacher.keras"
+    model.save(path)
+    return str(path)
+
+
+def _tiny(model_dir, teacher, *extra):
+    return [
+        f"--model_dir={model_dir}", f"--teacher={teacher}", "--dataset=digits",
+        "--ratio=2", "--epochs=1", "--batch_size=32", "--verbose=0",
+        "--calibration_batches=2", *extra,
+    ]
+
+
+def _report(model_dir):
+    with open(os.path.join(model_dir, "report.json")) as f:
+        return json.load(f)
+
+
+def test_mirrored_matches_one_device(tmp_path, teacher_file):
+    losses = {}
+    # Two SGD steps: Adam would amplify the summation-order noise of the
+    # two-replica gradient sum in near-zero gradients over a long run.
+    common = ["--deterministic", "--steps_per_epoch=2", "--optimizer=sgd", "--learning_rate=0.005"]
+    for name, extra in (
+        ("one", ["--strategy=one_device"]),
+        ("mirrored", ["--strategy=mirrored", "--logical_cpus=2"]),
+    ):
+        model_dir = tmp_path / name
+        result = _run(_tiny(model_dir, teacher_file, *extra, *common))
+        assert result.returncode == 0, result.stderr[-3000:]
+        report = _report(model_dir)
+        losses[name] = report["history"][0]
+        assert report["replicas"] == (2 if name == "mirrored" else 1)
+    for key in ("loss", "ce", "kd", "sim", "inh"):
+        np.testing.assert_allclose(losses["mirrored"][key], losses["one"][key], rtol=1e-4, atol=1e-6)
+
+
+def _free_ports(n):
+    sockets = [socket.socket() for _ in range(n)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+def test_multi_worker_two_processes(tmp_path, teacher_file):
+    ports = _free_ports(2)
+    cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
+    model_dir = tmp_path / "mw"
+    procs = []
+    for index in range(2):
+        tf_config = json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}})
+        procs.append(subprocess.Popen(
+            [sys.executable, TRAIN, *_tiny(model_dir, teacher_file, "--strategy=multi_worker_mirrored")],
+            env=_env({"TF_CONFIG": tf_config}), cwd=ROOT,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        ))
+    outputs = [p.communicate(timeout=400) for p in procs]
+    errors = "\n---\n".join(err[-2500:] for _, err in outputs)
+    assert all(p.returncode == 0 for p in procs), errors
+    report = _report(model_dir)
+    assert report["replicas"] == 2 and report["steps"] > 0
+
+
+def test_resume_after_kill_matches_uninterrupted_run(tmp_path, teacher_file):
+    args = ["--epochs=3", "--checkpoint_every=5", "--deterministic"]
+    straight = tmp_path / "straight"
+    result = _run(_tiny(straight, teacher_file, *args))
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(
+        [sys.executable, TRAIN, *_tiny(killed, teacher_file, *args)],
+        env=_env(), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    index = killed / "checkpoints" / "checkpoint"
+    deadline = time.time() + 300
+    while not index.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run finished before its first checkpoint"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "report.json").exists()
+
+    result = _run(_tiny(killed, teacher_file, *args))
+    assert result.returncode == 0, result.stderr[-3000:]
+    resumed, reference = _report(killed), _report(straight)
+    assert resumed["resumed_from_step"] > 0
+    assert resumed["steps"] == reference["steps"]
+    assert abs(resumed["student_accuracy"] - reference["student_accuracy"]) <= 0.005
+
+
+def _lambda_teacher(tmp_path):
+    inputs = keras.Input((8, 8, 1))
+    x = keras.layers.Lambda(lambda t: t * 2.0)(inputs)
+    x = keras.layers.Flatten()(x)
+    path = tmp_path / "lambda.keras"
+    keras.Model(inputs, keras.layers.Dense(10)(x)).save(path)
+    return path
+
+
+@pytest.mark.parametrize(
+    "case, expected",
+    [
+        ("unknown_dataset", "Unknown dataset"),
+        ("missing_teacher", "no such file"),
+        ("corrupt_teacher", "cannot load it as a Keras 3 model"),
+        ("lambda_teacher", "safe_mode"),
+        ("misspelled_flag", "Unknown command line flag 'ratoi'"),
+        ("other_run", "holds a different run"),
+        ("unreachable_ratio", "largest reachable ratio"),
+    ],
+)
+def test_bad_input_gets_one_line_error(case, expected, tmp_path, teacher_file):
+    model_dir = tmp_path / "run"
+    args = _tiny(model_dir, teacher_file)
+    if case == "unknown_dataset":
+        args.append("--dataset=no_such_dataset_xyz")
+    elif case == "missing_teacher":
+        args.append(f"--teacher={tmp_path / 'nope.keras'}")
+    elif case == "corrupt_teacher":
+        bad = tmp_path / "bad.keras"
+        bad.write_bytes(b"this is not a zip file")
+        args.append(f"--teacher={bad}")
+    elif case == "lambda_teacher":
+        args.append(f"--teacher={_lambda_teacher(tmp_path)}")
+    elif case == "misspelled_flag":
+        flagfile = tmp_path / "bad.cfg"
+        flagfile.write_text("--ratoi=8\n")
+        args.append(f"--flagfile={flagfile}")
+    elif case == "other_run":
+        model_dir.mkdir()
+        (model_dir / "run.json").write_text(json.dumps({"fingerprint": {"ratio": 8.0}}))
+    elif case == "unreachable_ratio":
+        args.append("--ratio=500")
+    result = _run(args)
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    assert expected in result.stderr, result.stderr[-2000:]
+    if case == "other_run":
+        # Nothing of the other run was touched.
+        assert sorted(os.listdir(model_dir)) == ["run.json"]
