@@ -16,7 +16,7 @@ from micik_tf import data as data_lib
 from micik_tf import distribute, models
 from micik_tf.training import RecoveryConfig, RecoveryTrainer, save_json
 
-TEACHER_ARCHS = ("vgg_style", "vgg_style_small")
+TEACHER_ARCHS = ("vgg_style", "vgg_style_small", "cifar_vgg16")
 
 
 class UsageError(ValueError):
@@ -105,9 +105,10 @@ def load_teacher(config, source, strategy):
         name = spec[4:]
         if not hasattr(keras.applications, name):
             raise UsageError(f"--teacher={spec}: keras.applications has no model {name!r}.")
+        weights = None if config.teacher_weights in ("", "none", "None") else config.teacher_weights
         try:
             model = getattr(keras.applications, name)(
-                weights=config.teacher_weights, input_shape=source.input_shape,
+                weights=weights, input_shape=source.input_shape,
                 classes=source.num_classes,
             )
         except Exception as error:  # downloads and shape checks fail in many ways
@@ -146,6 +147,8 @@ def _train_teacher(config, source, strategy, path):
         raise UsageError(f"--teacher_arch={config.teacher_arch!r}: use one of {TEACHER_ARCHS}.")
     if config.teacher_arch == "vgg_style":
         model = models.vgg_style(source.input_shape, source.num_classes)
+    elif config.teacher_arch == "cifar_vgg16":
+        model = models.cifar_vgg16(source.input_shape, source.num_classes)
     else:
         model = models.vgg_style(source.input_shape, source.num_classes,
                                  widths=(16, 16, 32, 32), dense=32)
@@ -227,6 +230,17 @@ def run(config, strategy=None):
     if rc.mixed_precision:
         keras.config.set_dtype_policy("mixed_float16")
 
+    preprocess = (
+        models.application_preprocessing(config.teacher[4:])
+        if config.teacher.startswith("app:") else None
+    )
+    if preprocess is not None:
+        # keras.applications weights expect their own input scaling.
+        source = dataclasses.replace(
+            source,
+            train=source.train.map(lambda x, y: (preprocess(x), y)),
+            test=source.test.map(lambda x, y: (preprocess(x), y)),
+        )
     train, validation, train_size = _split_validation(source, config)
     batch = rc.batch_size
     steps_per_epoch = max(1, int(train_size or 1000) // batch)
@@ -256,7 +270,8 @@ def run(config, strategy=None):
             try:
                 student = micik_tf.compress(
                     teacher, ratio=config.ratio, mode=config.mode, share=config.share,
-                    calibration_data=calibration, calibration_batches=config.calibration_batches,
+                    calibration_data=calibration if config.calibration_batches > 0 else None,
+                    calibration_batches=max(config.calibration_batches, 1),
                     verbose=config.verbose,
                 )
             except (TypeError, ValueError) as error:

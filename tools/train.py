@@ -33,7 +33,8 @@ def define_flags():
     flags.DEFINE_float("ratio", 16.0, "Target compression ratio (parameters), > 1.")
     flags.DEFINE_enum("mode", "micik", ["micik", "per_layer", "common_only"], "Compression mode.")
     flags.DEFINE_enum("share", "auto", ["auto", "input", "output"], "Shared side of the kernels.")
-    flags.DEFINE_integer("calibration_batches", 8, "Batches for the data-aware initialisation.")
+    flags.DEFINE_integer("calibration_batches", 8, "Batches for the data-aware "
+                         "initialisation and BatchNorm re-estimation (0: off).")
     # Losses.
     flags.DEFINE_float("alpha", 1.0, "Weight of the KD term.")
     flags.DEFINE_float("beta", 1.0, "Weight of the cross-layer similarity term.")
