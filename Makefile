@@ -11,8 +11,10 @@ export TF_CPP_MIN_LOG_LEVEL ?= 2
 
 .PHONY: demo test benchmark benchmark-smoke
 
+# The whole job on the bundled digits: train a teacher, compress 16x, recover,
+# evaluate, export (runs/quickstart/; a rerun resumes or reuses that run).
 demo: $(STAMP)
-	$(PY) tools/demo.py
+	$(PY) tools/train.py --flagfile=flags/quickstart.cfg
 
 test: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider tests

@@ -100,7 +100,10 @@ class InputMetric:
     def from_covariance(cls, covariance, damping=1e-2):
         covariance = np.asarray(covariance, dtype=np.float64)
         covariance = (covariance + covariance.T) / 2
-        values, vectors = np.linalg.eigh(covariance)
+        # float32 halves the O(m^3) cost (seconds at m = 4608); the damping
+        # below keeps the conditioning far from float32's limits.
+        values, vectors = np.linalg.eigh(covariance.astype(np.float32))
+        values, vectors = values.astype(np.float64), vectors.astype(np.float64)
         floor = damping * max(float(np.mean(np.abs(values))), 1e-12)
         values = np.maximum(values, 0) + floor
         root = np.sqrt(values)

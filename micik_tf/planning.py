@@ -7,10 +7,10 @@ largest rank the budget could allow is what makes a naive implementation slow
 1. Per-layer curves (no sharing) up to a modest rank cap per layer: twice its
    proportional share of the budget. Allocate; wherever the allocator stops at
    a cap, double that cap and allocate again.
-2. For groups of two or more layers, common-rank candidates up to the point
-   where a shared basis costs as much as the per-layer ranks of step 1 (more
-   would only pay with a much lower error, which sharing never gave in our
-   measurements), each with residual curves up to the step-1 rank.
+2. For groups of two or more layers, common-rank candidates up to half the
+   rank at which a shared basis costs as much as the per-layer ranks of
+   step 1 (beyond it sharing cannot pay), each with residual curves up to the
+   step-1 rank.
 3. The global allocation over all groups and candidates.
 """
 
@@ -24,6 +24,11 @@ from micik_tf import allocation as alloc
 from micik_tf import decomposition
 
 CANDIDATES = 5  # common ranks tried per group: r_max, r_max/2, ..., r_max/16
+# r_max is this fraction of the rank at which a basis costs as much as the
+# per-layer ranks of step 1. Near that point the members would still need
+# their unique ranks, so sharing cannot pay; stopping at half of it saves the
+# largest SVDs (minutes on VGG-16 at low ratios).
+SHARING_REACH = 0.5
 
 
 @dataclasses.dataclass
@@ -166,7 +171,7 @@ def allocate(grouped, kernels, metrics, budget, mode, min_rank, seed, log):
             per_layer = budget
         rc_max = min(
             basis_size, coef_size,
-            max(1, math.ceil(1.25 * per_layer / (basis_size + coef_size))),
+            max(1, math.ceil(SHARING_REACH * per_layer / (basis_size + coef_size))),
             max(1, int(budget // (basis_size + coef_size))),
         )
         ranks = sorted({max(1, rc_max >> k) for k in range(CANDIDATES)})

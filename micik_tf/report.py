@@ -78,6 +78,11 @@ class Report:
 def report(model, reference=None):
     """Reports a compressed model's ratio, groups, ranks and errors.
 
+    Each layer's `relative_error` is the weight-space error
+    `||W - W_hat|| / ||W||`. With `calibration_data`, compress() minimises the
+    error on the layer's *outputs* instead, so the weight error can exceed 1
+    while the output error is small; that is expected.
+
     Everything is computed from `model`: the parameter counts from its
     variables (each distinct variable once), the original size from the
     wrappers' kernel shapes, the groups from the `SharedBasis` layers.
