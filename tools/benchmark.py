@@ -9,6 +9,14 @@ Suites:
       is VGG-16's topology at 1/8 width on 32x32 inputs, for tests.
 
     python tools/benchmark.py --flagfile=flags/compress_speed.cfg
+
+  recovery: the offline demo's recovery, with ablations. One VGG-style teacher
+      is trained on the digits (flags/quickstart.cfg settings), then compressed
+      at the first of `--ratios` and recovered four ways on the same teacher:
+      MICIK with all losses, without L_sim, without L_kd, and per-layer SVD with
+      the same losses. With `--smoke`, a tiny teacher and two steps.
+
+    python tools/benchmark.py --suite=recovery --ratios=16
 """
 
 import datetime
@@ -19,7 +27,7 @@ import platform
 import subprocess
 import time
 
-from absl import app, flags
+from absl import app, flags, logging
 
 FLAGS = flags.FLAGS
 
@@ -222,10 +230,96 @@ def compress_speed(ratios, smoke):
     }
 
 
-SUITES = {"compress_speed": compress_speed}
+RECOVERY_VARIANTS = (
+    ("micik", dict(mode="micik")),
+    ("micik_no_sim", dict(mode="micik", beta=0.0)),
+    ("micik_no_kd", dict(mode="micik", alpha=0.0)),
+    ("per_layer_kd", dict(mode="per_layer")),
+)
+
+
+def recovery(ratios, smoke):
+    import dataclasses
+    import tempfile
+
+    import keras
+
+    from micik_tf import recovery_run
+    from micik_tf.training import RecoveryConfig
+
+    ratio = ratios[0]
+    scratch = tempfile.mkdtemp(prefix="micik_recovery_bench_")
+    base = recovery_run.RunConfig(
+        model_dir="", dataset="digits", teacher="train",
+        teacher_arch="vgg_style_small" if smoke else "vgg_style",
+        teacher_epochs=1 if smoke else 20, ratio=ratio, verbose=0,
+        steps_per_epoch=2 if smoke else None,
+        recovery=RecoveryConfig(epochs=1 if smoke else 12, batch_size=64,
+                                learning_rate=2e-3, checkpoint_every=10_000),
+    )
+    runs, teacher_file = [], None
+    for name, change in RECOVERY_VARIANTS:
+        keras.utils.set_random_seed(0)
+        recovery_change = {k: v for k, v in change.items() if k in ("alpha", "beta")}
+        config = dataclasses.replace(
+            base, model_dir=os.path.join(scratch, name), mode=change["mode"],
+            teacher=teacher_file or "train",
+            recovery=dataclasses.replace(base.recovery, **recovery_change),
+        )
+        report = recovery_run.run(config)
+        teacher_file = teacher_file or os.path.join(scratch, name, "teacher.keras")
+        runs.append({
+            "method": name,
+            "target_ratio": ratio,
+            "achieved_ratio": report["ratio"],
+            "params_before": report["params_before"],
+            "params_after": report["params_after"],
+            "teacher_accuracy": report["teacher_accuracy"],
+            "accuracy_before_recovery": report["student_accuracy_before_recovery"],
+            "accuracy": report["student_accuracy"],
+            "drop_points": 100 * (report["teacher_accuracy"] - report["student_accuracy"]),
+            "wall_seconds": report["wall_seconds"],
+            "loss_weights": report["loss_weights"],
+        })
+        print(f"{name:<14} {report['ratio']:.2f}x  before {runs[-1]['accuracy_before_recovery']:.4f}"
+              f"  after {runs[-1]['accuracy']:.4f}  teacher {report['teacher_accuracy']:.4f}", flush=True)
+    return {
+        "model": "vgg_style teacher on digits" + (" (smoke: vgg_style_small)" if smoke else ""),
+        "model_params": runs[0]["params_before"],
+        "test_examples": 450,
+        "note": ("One teacher, one seed; the digits test split has 450 images, so one "
+                 "image is 0.22 points."),
+        "runs": runs,
+    }
+
+
+def _recovery_markdown(suite, result):
+    lines = [
+        f"# {suite}{' (smoke)' if result['smoke'] else ''}",
+        "",
+        f"Teacher: {result['model']}, {result['model_params']:,} parameters. "
+        f"Written {result['written']} by `python tools/benchmark.py --suite={suite} "
+        f"--ratios={result['ratios'][0]:g}{' --smoke' if result['smoke'] else ''}`.",
+        "",
+        "| method | ratio | params after | teacher acc. | before recovery | after recovery | drop (points) |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for run in result["runs"]:
+        lines.append(
+            f"| {run['method']} | {run['achieved_ratio']:.2f} | {run['params_after']:,} "
+            f"| {run['teacher_accuracy']:.4f} | {run['accuracy_before_recovery']:.4f} "
+            f"| {run['accuracy']:.4f} | {run['drop_points']:.2f} |"
+        )
+    lines += ["", result["note"], ""]
+    return "\n".join(lines)
+
+
+SUITES = {"compress_speed": compress_speed, "recovery": recovery}
 
 
 def _markdown(suite, result):
+    if suite == "recovery":
+        return _recovery_markdown(suite, result)
     lines = [
         f"# {suite}{' (smoke)' if result['smoke'] else ''}",
         "",
@@ -275,18 +369,28 @@ def _atomic_write(path, text):
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+    # TF's checkpoint code logs every save at INFO through absl.
+    logging.set_verbosity(logging.WARNING)
     ratios = [float(r) for r in FLAGS.ratios]
     suite = FLAGS.suite
     started = time.perf_counter()
     load_before = _load_average()
     result = SUITES[suite](ratios, FLAGS.smoke)
     machine = _machine()
-    target_runs = [r for r in result["runs"] if r["mode"] == "micik" and r["target_ratio"] == TARGET["ratio"]]
+    target_runs = [
+        r for r in result["runs"]
+        if suite == "compress_speed" and r["mode"] == "micik" and r["target_ratio"] == TARGET["ratio"]
+    ]
     result.update(
         suite=suite,
         smoke=FLAGS.smoke,
         ratios=ratios,
-        target=dict(
+        machine=dict(machine, load_average_1min_at_start=load_before),
+        written=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        seconds_total=time.perf_counter() - started,
+    )
+    if suite == "compress_speed":
+        result["target"] = dict(
             TARGET,
             model="VGG16(weights=None), 138,357,544 parameters",
             # Only the full-size model on the target's core count says anything.
@@ -296,11 +400,7 @@ def main(argv):
                 and machine["cpus_usable"] == TARGET["cpu_cores"]
                 else None
             ),
-        ),
-        machine=dict(machine, load_average_1min_at_start=load_before),
-        written=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        seconds_total=time.perf_counter() - started,
-    )
+        )
     os.makedirs(FLAGS.output_dir, exist_ok=True)
     json_path = os.path.join(FLAGS.output_dir, f"{suite}.json")
     md_path = os.path.join(FLAGS.output_dir, f"{suite}.md")
