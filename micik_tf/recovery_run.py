@@ -166,6 +166,25 @@ def _train_teacher(config, source, strategy, path):
     return model
 
 
+def with_dtype_policy(model, policy):
+    """A copy of `model` whose layers compute under `policy` (same weights).
+
+    compress() keeps each layer's dtype policy, and a loaded teacher carries
+    the float32 policies it was saved with, so mixed precision must be set on
+    the student explicitly. Variables stay float32 under mixed_float16.
+    """
+
+    def clone(layer):
+        config = layer.get_config()
+        if "dtype" in config and not isinstance(layer, keras.layers.InputLayer):
+            config["dtype"] = policy
+        return layer.__class__.from_config(config)
+
+    copy = keras.models.clone_model(model, clone_function=clone, recursive=True)
+    copy.set_weights(model.get_weights())
+    return copy
+
+
 def save_keras(model, path, strategy=None):
     """Saves `.keras` atomically (temporary file in the same folder, then rename).
 
@@ -227,9 +246,6 @@ def run(config, strategy=None):
     chief = distribute.is_chief(strategy)
     if chief and not resuming:
         save_json(os.path.join(config.model_dir, "run.json"), {"fingerprint": config.fingerprint()})
-    if rc.mixed_precision:
-        keras.config.set_dtype_policy("mixed_float16")
-
     preprocess = (
         models.application_preprocessing(config.teacher[4:])
         if config.teacher.startswith("app:") else None
@@ -277,6 +293,8 @@ def run(config, strategy=None):
             except (TypeError, ValueError) as error:
                 raise UsageError(f"compress(): {error}") from None
             save_keras(student, init_path, strategy)
+        if rc.mixed_precision:
+            student = with_dtype_policy(student, "mixed_float16")
         trainer = RecoveryTrainer(teacher, student, strategy, rc, config.model_dir,
                                   steps_per_epoch, verbose=config.verbose)
 

@@ -195,3 +195,14 @@ def test_bad_input_gets_one_line_error(case, expected, tmp_path, teacher_file):
     if case == "other_run":
         # Nothing of the other run was touched.
         assert sorted(os.listdir(model_dir)) == ["run.json"]
+
+
+def test_mixed_precision_run(tmp_path, teacher_file):
+    model_dir = tmp_path / "mixed"
+    result = _run(_tiny(model_dir, teacher_file, "--mixed_precision", "--steps_per_epoch=3", "--clip_norm=1.0"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = _report(model_dir)
+    assert report["steps"] == 3 and np.isfinite(report["history"][0]["loss"])
+    student = keras.models.load_model(model_dir / "student.keras")
+    assert student.get_layer("conv2").compute_dtype == "float16"
+    assert all(w.dtype == "float32" for w in student.weights)
