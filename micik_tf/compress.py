@@ -6,7 +6,6 @@ import sys
 import time
 import weakref
 
-import numpy as np
 
 import keras
 
@@ -21,6 +20,7 @@ from micik_tf.grouping import (
     site_side,
 )
 from micik_tf.layers import FactorizedConv2D, FactorizedDense, SharedBasis
+from micik_tf.layers.validation import one_of
 
 DEFAULT_RATIO = 4.0
 MODES = ("micik", "per_layer", "common_only")
@@ -95,8 +95,8 @@ def compress(
         kept at their outputs. See `micik_tf.report()` for what was done.
     """
     _check_model(model)
-    mode = _check_choice("mode", mode, MODES)
-    share = _check_choice("share", share, SHARE_CHOICES)
+    mode = one_of("mode", mode, MODES)
+    share = one_of("share", share, SHARE_CHOICES)
     if ranks is None:
         ratio = _check_ratio(DEFAULT_RATIO if ratio is None else ratio)
     elif ratio is not None:
@@ -241,15 +241,6 @@ def _check_ratio(ratio):
             f"params_after), e.g. ratio=8. Received: ratio={ratio!r}"
         )
     return ratio
-
-
-def _check_choice(name, value, choices):
-    if value not in choices:
-        raise ValueError(
-            f"Received an invalid value for `{name}`, expected one of "
-            f"{list(choices)}. Received: {name}={value!r}"
-        )
-    return value
 
 
 def _names(value, argument):

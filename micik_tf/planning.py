@@ -18,7 +18,6 @@ import dataclasses
 import math
 import time
 
-import numpy as np
 
 from micik_tf import allocation as alloc
 from micik_tf import decomposition

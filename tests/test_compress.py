@@ -1,7 +1,4 @@
-import io
 import json
-import os
-import types
 
 import numpy as np
 import pytest
@@ -9,7 +6,7 @@ import pytest
 import keras
 
 import micik_tf
-from micik_tf.layers import FactorizedConv2D, FactorizedDense, SharedBasis
+from micik_tf.layers import FactorizedConv2D, SharedBasis
 from tests.models import branchy_cnn, images, vgg_like, weights_of
 
 
