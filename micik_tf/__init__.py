@@ -5,7 +5,7 @@
 
 Importing this package registers its layers with Keras serialization, so
 `keras.models.load_model("student.keras")` needs no `custom_objects`. It never
-imports tensorflow-model-optimization or tf_keras: `tf.keras` stays Keras 3.
+imports tensorflow-model-optimization or tf_keras, so TensorFlow's Keras stays Keras 3.
 """
 
 from micik_tf.calibration import recalibrate_batchnorm
