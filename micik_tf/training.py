@@ -326,7 +326,10 @@ class RecoveryTrainer:
             history.append(record)
             with self.writer.as_default(step=int(self.step.numpy())):
                 tf.summary.scalar("val/accuracy", val_accuracy)
-            if val_accuracy > best:
+            # Ties go to the later epoch: a small validation split saturates
+            # early, and later epochs of the decaying schedule are better
+            # converged.
+            if val_accuracy >= best:
                 best = val_accuracy
                 # Every worker saves (collective reads); only the chief keeps it.
                 self.student.save_weights(

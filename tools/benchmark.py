@@ -254,7 +254,7 @@ def recovery(ratios, smoke):
         teacher_arch="vgg_style_small" if smoke else "vgg_style",
         teacher_epochs=1 if smoke else 20, ratio=ratio, verbose=0,
         steps_per_epoch=2 if smoke else None,
-        recovery=RecoveryConfig(epochs=1 if smoke else 12, batch_size=64,
+        recovery=RecoveryConfig(epochs=1 if smoke else 30, batch_size=64,
                                 learning_rate=2e-3, checkpoint_every=10_000),
     )
     runs, teacher_file = [], None

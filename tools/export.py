@@ -1,0 +1,240 @@
+"""Exports a saved Keras model to deployment formats and checks each one.
+
+    python tools/export.py --model=runs/digits/student.keras \
+        --output_dir=runs/digits/export --representative_data=digits
+
+Writes one artifact per format (see micik_tf.export.ARTIFACTS), runs each on
+check data and compares it with the Keras model, prints a size table and
+writes <output_dir>/export_report.json. With --representative_data=digits the
+check data is the digits test split, so accuracies are reported too.
+"""
+
+import json
+import os
+import sys
+
+from absl import app, flags
+
+FLAGS = flags.FLAGS
+PROG = "export.py"
+REPORT_NAME = "export_report.json"
+
+
+class UsageError(Exception):
+    """A problem with the command line or its files, reported in one line."""
+
+
+def define_flags():
+    """All flags of this binary, defined once (TF official models style)."""
+    from micik_tf.export import DEFAULT_FORMATS, FORMATS
+
+    flags.DEFINE_string("model", None, "A .keras file saved by Keras 3 (loaded with "
+                        "safe_mode on, so files carrying code are refused).")
+    flags.DEFINE_string("output_dir", None, "Directory for the artifacts and "
+                        f"{REPORT_NAME} (created if missing).")
+    flags.DEFINE_list("formats", list(DEFAULT_FORMATS), f"Formats, from: {', '.join(FORMATS)}.")
+    flags.DEFINE_string("representative_data", None, "'digits' (the bundled digits, "
+                        "scaled to [0, 1], shape (8, 8, 1); its test split is the "
+                        "check data) or a .npy file of model inputs. Required for "
+                        "tflite_int8.")
+    flags.DEFINE_bool("overwrite", False, "Replace artifacts that already exist.")
+    flags.DEFINE_bool("debug", False, "Show full tracebacks and TensorFlow's native logs.")
+    flags.mark_flags_as_required(["model", "output_dir"])
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    try:
+        return _export()
+    except UsageError as error:
+        print(f"{PROG}: error: {error}", file=sys.stderr)
+        return 2
+    except Exception as error:  # a failure inside the export itself
+        if FLAGS.debug:
+            raise
+        print(f"{PROG}: error: exporting failed: {_first_line(error)} "
+              "(rerun with --debug for the traceback).", file=sys.stderr)
+        return 2
+
+
+def _export():
+    from micik_tf import export as export_lib
+
+    formats = [f.strip() for f in FLAGS.formats if f.strip()]
+    unknown = [f for f in formats if f not in export_lib.FORMATS]
+    if unknown or not formats:
+        raise UsageError(
+            f"--formats: unknown or missing format(s) {unknown or formats}; "
+            f"choose from {', '.join(export_lib.FORMATS)}."
+        )
+    if "tflite_int8" in formats and not FLAGS.representative_data:
+        raise UsageError(
+            "--formats includes tflite_int8, which needs calibration inputs: pass "
+            "--representative_data=digits or --representative_data=<inputs.npy>, "
+            "or leave tflite_int8 out of --formats."
+        )
+    model_path = FLAGS.model
+    if not os.path.isfile(model_path):
+        raise UsageError(f"--model={model_path}: no such file. Give a .keras file "
+                         "saved by Keras 3 (model.save('model.keras')).")
+    output_dir = FLAGS.output_dir
+    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+        raise UsageError(f"--output_dir={output_dir} is an existing file; give a directory.")
+    report_path = os.path.join(output_dir, REPORT_NAME)
+    # Checked before the (slow) loading, and again by export() itself.
+    targets = list(export_lib.artifact_paths(output_dir, formats).values()) + [report_path]
+    existing = [t for t in targets if os.path.lexists(t)]
+    if existing and not FLAGS.overwrite:
+        raise UsageError(f"{', '.join(existing)} already exist(s); pass --overwrite to "
+                         "replace, or choose another --output_dir.")
+
+    representative, check_x, check_y = _load_data(FLAGS.representative_data)
+    model = _load_model(model_path)
+    if FLAGS.representative_data == "digits":
+        expected = tuple(model.inputs[0].shape[1:])
+        if expected != tuple(check_x.shape[1:]):
+            raise UsageError(f"--representative_data=digits gives inputs of shape "
+                             f"{tuple(check_x.shape[1:])}, but the model takes {expected}. "
+                             "Give a .npy file of inputs the model takes.")
+    try:
+        results = export_lib.export(
+            model, output_dir, formats=formats, representative_data=representative,
+            overwrite=FLAGS.overwrite, check_data=check_x, check_labels=check_y,
+        )
+    except (ValueError, FileExistsError) as error:
+        if FLAGS.debug:
+            raise
+        message = _first_line(error).replace("overwrite=True (--overwrite)", "--overwrite")
+        raise UsageError(message) from None
+
+    report = {
+        "model": os.path.abspath(model_path),
+        "params": int(model.count_params()),
+        "representative_data": FLAGS.representative_data,
+        "check_samples": None if check_x is None else int(len(check_x)),
+        "reference_accuracy": _accuracy(model, check_x, check_y),
+        "formats": results,
+    }
+    _write_json(report_path, report)
+    print(_table(report))
+    print(f"\nWrote {report_path}")
+    return 0
+
+
+def _load_data(spec):
+    """Returns `(representative, check_x, check_y)` for --representative_data."""
+    import numpy as np
+
+    if not spec:
+        return None, None, None
+    if spec == "digits":
+        from micik_tf import data
+
+        source = data.load("digits")
+        train_x, _ = _arrays(source.train)
+        test_x, test_y = _arrays(source.test)
+        return train_x, test_x, test_y
+    if not spec.endswith(".npy"):
+        raise UsageError(f"--representative_data={spec}: give 'digits' or a .npy file "
+                         "of model inputs.")
+    if not os.path.isfile(spec):
+        raise UsageError(f"--representative_data={spec}: no such file.")
+    try:
+        inputs = np.load(spec, allow_pickle=False)
+    except Exception as error:
+        raise UsageError(f"--representative_data={spec}: cannot read it as a .npy "
+                         f"array ({_first_line(error)}).") from None
+    return inputs, None, None
+
+
+def _arrays(ds):
+    import numpy as np
+
+    x, y = next(iter(ds.batch(1 << 20)))
+    return np.asarray(x), np.asarray(y)
+
+
+def _load_model(path):
+    import keras
+
+    import micik_tf  # noqa: F401  (registers the compressed layers for loading)
+
+    try:
+        # safe_mode stays on: a .keras file can carry code (Lambda layers),
+        # and we never execute it silently.
+        return keras.models.load_model(path, safe_mode=True)
+    except Exception as error:
+        if "safe_mode" in str(error):
+            raise UsageError(f"--model={path}: the file carries code (e.g. a Lambda "
+                             "layer), which Keras' safe_mode refuses to run. Rebuild the "
+                             "model with registered layers.") from None
+        raise UsageError(f"--model={path}: cannot load it as a Keras 3 model "
+                         f"({_first_line(error)}). Give a .keras file saved by Keras 3 "
+                         "(model.save('model.keras')).") from None
+
+
+def _accuracy(model, x, y):
+    import numpy as np
+
+    if x is None or y is None:
+        return None
+    logits = model.predict(x, batch_size=256, verbose=0)
+    return float(np.mean(np.argmax(logits, axis=-1) == y))
+
+
+def _table(report):
+    with_accuracy = report["reference_accuracy"] is not None
+    header = (f"{'format':<20} {'bytes':>11} {'gzip bytes':>11} {'B/param':>8} "
+              f"{'max abs err':>12} {'rel err':>9}" + (f" {'accuracy':>8}" if with_accuracy else ""))
+    lines = [f"{report['params']:,} parameters" + (
+        f", Keras model accuracy {report['reference_accuracy']:.4f} on "
+        f"{report['check_samples']} check samples" if with_accuracy else ""), "", header]
+    for name, r in report["formats"].items():
+        line = (f"{name:<20} {r['bytes']:>11,} {r['gzip_bytes']:>11,} "
+                f"{r['bytes_per_parameter']:>8.2f} {r['max_abs_error']:>12.3g} "
+                f"{r['relative_error']:>9.2e}")
+        if with_accuracy:
+            line += f" {r['accuracy']:>8.4f}"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def _write_json(path, value):
+    """Writes JSON atomically: a temporary file beside `path`, then a rename."""
+    temp = f"{path}.tmp-{os.getpid()}"
+    try:
+        with open(temp, "w") as f:
+            json.dump(value, f, indent=2)
+            f.write("\n")
+        os.replace(temp, path)
+    finally:
+        if os.path.exists(temp):
+            os.remove(temp)
+
+
+def _first_line(error):
+    text = str(error).strip().splitlines()
+    return (text[0] if text else type(error).__name__)[:400]
+
+
+def _silence_native_logs():
+    """Sends TensorFlow's C++ logs (written to file descriptor 2, whatever
+    TF_CPP_MIN_LOG_LEVEL says) to /dev/null, keeping Python's stderr, so that
+    an error is the one line this tool prints. --debug keeps them."""
+    sys.stderr.flush()
+    python_stderr = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    os.close(devnull)
+    sys.stderr = os.fdopen(python_stderr, "w", buffering=1)
+
+
+if __name__ == "__main__":
+    # Flags are parsed only after TensorFlow is imported, so --debug is read
+    # from the command line here.
+    if not any(arg in ("--debug", "--debug=true", "--debug=1") for arg in sys.argv[1:]):
+        _silence_native_logs()
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    define_flags()
+    app.run(lambda argv: sys.exit(main(argv)))
