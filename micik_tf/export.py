@@ -325,15 +325,15 @@ class _SplitFactorized(keras.layers.Layer):
         x, basis = inputs
         if w.shared_side == "input":
             projected = ops.concatenate(
-                [w._project(x, basis), w._project(x, w.unique_left)], axis=-1
+                [w.project(x, basis), w.project(x, w.unique_left)], axis=-1
             )
             y = ops.matmul(
                 projected, ops.concatenate([w.coefficients, w.unique_right], axis=0)
             )
         else:
             y = ops.add(
-                ops.matmul(w._project(x, w.coefficients), basis),
-                ops.matmul(w._project(x, w.unique_left), w.unique_right),
+                ops.matmul(w.project(x, w.coefficients), basis),
+                ops.matmul(w.project(x, w.unique_left), w.unique_right),
             )
         if w.use_bias:
             y = ops.add(y, w.bias)

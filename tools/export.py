@@ -59,7 +59,12 @@ def main(argv):
 
 
 def _export():
+    from absl import logging
+
     from micik_tf import export as export_lib
+
+    # TF's SavedModel writer logs "Assets written to ..." at INFO through absl.
+    logging.set_verbosity(logging.WARNING)
 
     formats = [f.strip() for f in FLAGS.formats if f.strip()]
     unknown = [f for f in formats if f not in export_lib.FORMATS]
@@ -156,10 +161,24 @@ def _arrays(ds):
 
 
 def _load_model(path):
+    import zipfile
+
     import keras
 
     import micik_tf  # noqa: F401  (registers the compressed layers for loading)
 
+    # Keras' own messages for a foreign file are misleading ("File not found"
+    # for a file that exists), so the two common cases are named here.
+    if not path.endswith(".h5"):
+        if not zipfile.is_zipfile(path):
+            raise UsageError(f"--model={path}: not a Keras 3 archive (a .keras file is a "
+                             "zip archive; this file is not). Give a .keras file saved "
+                             "by Keras 3 (model.save('model.keras')).")
+        with zipfile.ZipFile(path) as archive:
+            if "config.json" not in archive.namelist():
+                raise UsageError(f"--model={path}: a zip archive, but not a Keras 3 "
+                                 "model (it has no config.json). Give a .keras file "
+                                 "saved by Keras 3 (model.save('model.keras')).")
     try:
         # safe_mode stays on: a .keras file can carry code (Lambda layers),
         # and we never execute it silently.
@@ -228,6 +247,10 @@ def _silence_native_logs():
     os.dup2(devnull, 2)
     os.close(devnull)
     sys.stderr = os.fdopen(python_stderr, "w", buffering=1)
+    # absl's handler kept the old sys.stderr object (now writing to /dev/null).
+    from absl import logging
+
+    logging.get_absl_handler().python_handler.setStream(sys.stderr)
 
 
 if __name__ == "__main__":

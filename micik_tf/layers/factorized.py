@@ -74,7 +74,10 @@ class _Factorized(keras.layers.Layer):
     def _kernel_rows(self, input_shape):
         raise NotImplementedError
 
-    def _project(self, x, left):
+    def project(self, x, left):
+        """The first stage: `x` times an `m x r` factor (a `k x k`
+        convolution for Conv2D). Export uses it to keep the shared basis a
+        separate constant in TFLite."""
         raise NotImplementedError
 
     @property
@@ -155,7 +158,7 @@ class _Factorized(keras.layers.Layer):
         else:
             x, basis = inputs, None
         left, right = self._factors(basis)
-        y = ops.matmul(self._project(x, left), right)
+        y = ops.matmul(self.project(x, left), right)
         if self.use_bias:
             y = ops.add(y, self.bias)
         return self.activation(y)
@@ -233,7 +236,7 @@ class FactorizedDense(_Factorized):
     def _kernel_shape(self):
         return (self.kernel_rows, self.units)
 
-    def _project(self, x, left):
+    def project(self, x, left):
         return ops.matmul(x, left)
 
     def compute_output_shape(self, input_shape):
@@ -310,7 +313,7 @@ class FactorizedConv2D(_Factorized):
     def _kernel_shape(self):
         return self.kernel_size + (self.input_channels, self.units)
 
-    def _project(self, x, left):
+    def project(self, x, left):
         kernel = ops.reshape(
             left, self.kernel_size + (self.input_channels, ops.shape(left)[-1])
         )
