@@ -12,6 +12,9 @@ assert "TF_USE_LEGACY_KERAS" not in os.environ, "TF_USE_LEGACY_KERAS was set"
 assert "tf_keras" not in sys.modules, "tf_keras was imported"
 assert "tensorflow_model_optimization" not in sys.modules, "tfmot was imported"
 assert tf.keras.Model is keras.Model, tf.keras
+# tf.keras.__name__ is "keras._tf_keras.keras": Keras 3's own namespace module.
+assert tf.keras.__version__ == keras.__version__, tf.keras.__version__
+assert tf.keras.__file__.startswith(os.path.dirname(keras.__file__)), tf.keras.__file__
 assert keras.__version__.startswith("3."), keras.__version__
 print("keras3-ok", tf.keras.__name__)
 """
