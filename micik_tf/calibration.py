@@ -13,6 +13,7 @@ import keras
 import tensorflow as tf
 
 from micik_tf import graph
+from micik_tf.grouping import walk
 
 DEFAULT_BATCH_SIZE = 32
 
@@ -168,7 +169,7 @@ def recalibrate_batchnorm(model, data, max_batches=8):
     """
     layers = [
         layer
-        for layer in _leaf_layers(model)
+        for layer, _ in walk(model)
         if isinstance(layer, keras.layers.BatchNormalization)
     ]
     if not layers:
@@ -186,11 +187,3 @@ def recalibrate_batchnorm(model, data, max_batches=8):
         for layer, momentum in zip(layers, saved):
             layer.momentum = momentum
     return used
-
-
-def _leaf_layers(model):
-    for layer in model.layers:
-        if isinstance(layer, keras.Model):
-            yield from _leaf_layers(layer)
-        else:
-            yield layer

@@ -15,7 +15,6 @@ from micik_tf.grouping import (
     SHARE_CHOICES,
     find_sites,
     group_sites,
-    is_graph_model,
     resolve_names,
     site_side,
 )
@@ -211,8 +210,7 @@ def _check_model(model):
             "compress() takes a keras.Model (Keras 3, Sequential or "
             f"Functional). Received: {type(model).__name__}"
         )
-    if not is_graph_model(model):
-        graph.rebuild(model, None, None)  # raises the subclassed-model message
+    graph.check_graph_model(model)
     if not model.built or not _has_inputs(model):
         raise ValueError(
             f"Model '{model.name}' is not built: its input shape is unknown. "

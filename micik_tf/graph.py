@@ -16,6 +16,12 @@ import keras
 from micik_tf.grouping import is_container, is_graph_model
 
 
+def check_graph_model(model):
+    """Raises a TypeError that says what is supported, for subclassed models."""
+    if not is_graph_model(model):
+        raise TypeError(_SUBCLASSED_MESSAGE.format(name=type(model).__name__))
+
+
 def clone_layer(layer):
     """A fresh copy of a leaf layer, from its config (weights copied later)."""
     return layer.__class__.from_config(layer.get_config())
@@ -34,8 +40,7 @@ def rebuild(model, make_layer, call_layer, path=()):
     Returns:
         A new Functional model with the original's name.
     """
-    if not is_graph_model(model):
-        raise TypeError(_SUBCLASSED_MESSAGE.format(name=type(model).__name__))
+    check_graph_model(model)
 
     def clone_function(layer):
         if is_container(layer):

@@ -234,17 +234,6 @@ def _grow(groups, budget, candidates, bases=None, rounds=6):
     return result
 
 
-def minimum_cost(grouped, mode, min_rank):
-    """The fewest parameters the compressible layers can take (for messages)."""
-    total = 0
-    for side, members in grouped:
-        for s in members:
-            floor = min_rank if min_rank is not None else default_min_rank(s.m, s.n)
-            floor = min(int(floor), min(s.m, s.n))
-            total += min(s.m * s.n, floor * (s.m + s.n))
-    return total
-
-
 def explicit(grouped, by_name):
     """A `Plan` from user-given `{site name: (r_c, r_u)}`."""
     layers, rank_common, names = {}, {}, []

@@ -134,7 +134,7 @@ def report(model, reference=None):
             ranks[key] = layer.rank_common
             basis = np.asarray(keras.ops.convert_to_numpy(bases[key].basis))
         params = layer.count_own_params()
-        dense = int(np.prod(layer._kernel_shape())) + (layer.units if layer.use_bias else 0)
+        dense = int(np.prod(layer.kernel_shape())) + (layer.units if layer.use_bias else 0)
         before += dense
         after_factored += params
         error = layer.relative_error
@@ -152,7 +152,7 @@ def report(model, reference=None):
                 "rank_common": layer.rank_common,
                 "rank_unique": layer.rank_unique,
                 "shared_side": layer.shared_side,
-                "kernel_shape": [int(d) for d in layer._kernel_shape()],
+                "kernel_shape": [int(d) for d in layer.kernel_shape()],
                 "params": params,
                 "relative_error": error,
             }

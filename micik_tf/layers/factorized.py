@@ -176,7 +176,7 @@ class _Factorized(keras.layers.Layer):
             )
         left, right = self._factors(basis)
         kernel = np.asarray(ops.convert_to_numpy(ops.matmul(left, right)))
-        return kernel.reshape(self._kernel_shape())
+        return kernel.reshape(self.kernel_shape())
 
     def count_own_params(self):
         return int(sum(np.prod(w.shape) for w in self.weights))
@@ -233,7 +233,8 @@ class FactorizedDense(_Factorized):
             )
         return int(m)
 
-    def _kernel_shape(self):
+    def kernel_shape(self):
+        """Shape of the dense kernel this layer stands for."""
         return (self.kernel_rows, self.units)
 
     def project(self, x, left):
@@ -310,7 +311,8 @@ class FactorizedConv2D(_Factorized):
         self.input_channels = int(input_shape[-1])
         return self.kernel_size[0] * self.kernel_size[1] * self.input_channels
 
-    def _kernel_shape(self):
+    def kernel_shape(self):
+        """Shape of the dense kernel this layer stands for."""
         return self.kernel_size + (self.input_channels, self.units)
 
     def project(self, x, left):
