@@ -341,12 +341,49 @@ def run(config, strategy=None):
         save_keras(student, path, strategy)
         if chief:
             report["exports"]["keras"] = {"path": path, "bytes": os.path.getsize(path)}
+    deploy = [f for f in config.export if f != "keras"]
+    if deploy:
+        report["exports"].update(_export_deployment(student, deploy, train, source.test, config, strategy))
     if chief:
         plot_path = os.path.join(config.model_dir, "training_curves.png")
         plot_history(history, teacher_accuracy, plot_path)
         report["plot"] = plot_path
         save_json(os.path.join(config.model_dir, "report.json"), report)
     return report
+
+
+def _export_deployment(student, formats, train, test, config, strategy):
+    """SavedModel / TFLite exports of the student into `<model_dir>/export`,
+    each checked against Keras on the test split (accuracy per format).
+
+    The folder belongs to this run, so a rerun refreshes it. Under a
+    multi-worker strategy every worker exports (variable reads are
+    collective); only the chief's files are kept.
+    """
+    import numpy as np
+
+    from micik_tf import export as export_lib
+
+    def arrays(ds, limit):
+        xs, ys = [], []
+        for x, y in ds.take(limit):
+            xs.append(np.asarray(x))
+            ys.append(np.asarray(y))
+        return np.stack(xs), np.stack(ys)
+
+    representative, _ = arrays(train, 128)
+    check_x, check_y = arrays(test, 1000)
+    target = os.path.join(config.model_dir, "export")
+    if not distribute.is_chief(strategy):
+        target = tempfile.mkdtemp(prefix="micik_worker_export_")
+    try:
+        results = export_lib.export(
+            student, target, formats=formats, representative_data=representative,
+            overwrite=True, check_data=check_x, check_labels=check_y,
+        )
+    except (ValueError, FileExistsError) as error:
+        raise UsageError(f"--export: {error}") from None
+    return results
 
 
 def plot_history(history, teacher_accuracy, path):

@@ -206,3 +206,17 @@ def test_mixed_precision_run(tmp_path, teacher_file):
     student = keras.models.load_model(model_dir / "student.keras")
     assert student.get_layer("conv2").compute_dtype == "float16"
     assert all(w.dtype == "float32" for w in student.weights)
+
+
+def test_deployment_exports_recorded_in_report(tmp_path, teacher_file):
+    model_dir = tmp_path / "exports"
+    result = _run(_tiny(model_dir, teacher_file, "--steps_per_epoch=2",
+                        "--export=keras,saved_model,tflite,tflite_int8"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    exports = _report(model_dir)["exports"]
+    assert set(exports) == {"keras", "saved_model", "tflite", "tflite_int8"}
+    assert exports["tflite"]["relative_error"] < 1e-4
+    assert abs(exports["tflite_int8"]["accuracy"] - exports["tflite"]["accuracy"]) <= 0.01
+    assert (model_dir / "export" / "model_float32.tflite").exists()
+    result = _run(_tiny(tmp_path / "bad", teacher_file, "--export=onnx"))
+    assert result.returncode == 2 and "unknown format" in result.stderr and "Traceback" not in result.stderr

@@ -64,7 +64,9 @@ def define_flags():
     flags.DEFINE_integer("logical_cpus", 0, "Split the CPU into N logical devices "
                          "(to run --strategy=mirrored without GPUs, e.g. in tests).")
     flags.DEFINE_integer("checkpoint_every", 100, "Steps between checkpoints.")
-    flags.DEFINE_list("export", ["keras"], "Export formats.")
+    flags.DEFINE_list("export", ["keras"], "Export formats: keras (student.keras) and any of "
+                      "saved_model, tflite, tflite_fp16, tflite_int8_dynamic, tflite_int8 "
+                      "(into <model_dir>/export, each checked against Keras).")
     flags.DEFINE_bool("deterministic", False, "Enable TF op determinism.")
     flags.DEFINE_integer("verbose", 1, "0: quiet; 1: progress bars and logs.")
     flags.DEFINE_bool("debug", False, "Show full tracebacks for errors.")
@@ -97,9 +99,13 @@ def main(argv):
     keras.utils.set_random_seed(FLAGS.seed)
     if FLAGS.deterministic:
         tf.config.experimental.enable_op_determinism()
-    unknown = set(FLAGS.export) - {"keras"}
+    from micik_tf.export import FORMATS
+
+    unknown = set(FLAGS.export) - set(FORMATS)
     if unknown:
-        raise app.UsageError(f"--export: unknown format(s) {sorted(unknown)}; supported: keras.")
+        print(f"train.py: error: --export: unknown format(s) {sorted(unknown)}; "
+              f"supported: {', '.join(FORMATS)}.", file=sys.stderr)
+        return 2
     config = recovery_run.RunConfig(
         model_dir=FLAGS.model_dir, dataset=FLAGS.dataset, data_dir=FLAGS.data_dir,
         image_size=FLAGS.image_size, augment=tuple(FLAGS.augment), teacher=FLAGS.teacher,
