@@ -44,6 +44,7 @@ class RunConfig:
     tpu: str = ""
     export: tuple = ("keras",)
     steps_per_epoch: int | None = None
+    prune_sparsity: float = 0.0
     recovery: RecoveryConfig = dataclasses.field(default_factory=RecoveryConfig)
     verbose: int = 1
 
@@ -55,6 +56,7 @@ class RunConfig:
             "image_size": self.image_size,
             "teacher": self.teacher,
             "teacher_arch": self.teacher_arch if self.teacher == "train" else None,
+            "prune_sparsity": float(self.prune_sparsity),
             "ratio": float(self.ratio),
             "mode": self.mode,
             "share": self.share,
@@ -295,8 +297,9 @@ def run(config, strategy=None):
             save_keras(student, init_path, strategy)
         if rc.mixed_precision:
             student = with_dtype_policy(student, "mixed_float16")
+        pruner = _pruner(student, config, steps_per_epoch * rc.epochs)
         trainer = RecoveryTrainer(teacher, student, strategy, rc, config.model_dir,
-                                  steps_per_epoch, verbose=config.verbose)
+                                  steps_per_epoch, verbose=config.verbose, pruner=pruner)
 
     teacher_accuracy = trainer.evaluate(teacher, test_ds)
     before = trainer.evaluate(student, test_ds)
@@ -311,7 +314,10 @@ def run(config, strategy=None):
             history = json.load(f)
     history = trainer.fit(train_epoch, val_ds, history=history,
                           on_epoch_end=lambda h: save_json(history_path, h))
-    trainer.restore_best()
+    if trainer.pruner is None:
+        # With pruning, an earlier "best" epoch would be less sparse than the
+        # schedule's target: keep the final weights instead.
+        trainer.restore_best()
     student_accuracy = trainer.evaluate(student, test_ds)
     trainer.cleanup()
 
@@ -333,6 +339,7 @@ def run(config, strategy=None):
         "loss_weights": {"alpha": rc.alpha, "beta": rc.beta, "gamma": rc.gamma,
                          "temperature": rc.temperature, "window": rc.window},
         "history": history,
+        "sparsity": trainer.pruner.sparsity()["overall"] if trainer.pruner else 0.0,
         "compression": compression,
         "exports": {},
     }
@@ -350,6 +357,27 @@ def run(config, strategy=None):
         report["plot"] = plot_path
         save_json(os.path.join(config.model_dir, "report.json"), report)
     return report
+
+
+def _pruner(student, config, total_steps):
+    """Magnitude pruning of the MICIK factors during recovery (None if off).
+
+    tfmot's polynomial schedule: from 0 to `prune_sparsity` over the first 70%
+    of the steps, in ten increments; the rest of recovery heals the network.
+    """
+    if not config.prune_sparsity:
+        return None
+    if not 0 < config.prune_sparsity < 1:
+        raise UsageError(f"--prune_sparsity must be in [0, 1). Received: {config.prune_sparsity}")
+    from micik_tf import pruning
+
+    end = max(1, int(0.7 * total_steps))
+    frequency = max(1, end // 10)
+    schedule = pruning.PolynomialDecay(
+        0.0, config.prune_sparsity, begin_step=0,
+        end_step=frequency * max(1, end // frequency), frequency=frequency,
+    )
+    return pruning.MagnitudePruner(student, schedule)
 
 
 def _export_deployment(student, formats, train, test, config, strategy):

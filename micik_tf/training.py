@@ -111,14 +111,18 @@ class RecoveryTrainer:
         feature_layers: layers whose features feed L_sim and L_inh (default:
             the Dense/Conv2D layers present in both models).
         verbose: 1 shows a progress bar per epoch.
+        pruner: optional `micik_tf.pruning.MagnitudePruner`; it is updated
+            after every step, outside `strategy.run`, so pruned weights stay
+            zero while recovery trains the rest.
     """
 
     def __init__(self, teacher, student, strategy, config, model_dir, steps_per_epoch,
-                 feature_layers=None, verbose=1):
+                 feature_layers=None, verbose=1, pruner=None):
         self.teacher, self.student, self.strategy = teacher, student, strategy
         self.config, self.model_dir, self.verbose = config, model_dir, verbose
         self.steps_per_epoch = int(steps_per_epoch)
         self.replicas = strategy.num_replicas_in_sync
+        self.pruner = pruner
         self.chief = distribute.is_chief(strategy)
         if feature_layers is None:
             feature_layers = losses.similarity_layer_names(teacher, student)
@@ -261,6 +265,9 @@ class RecoveryTrainer:
                 f"The checkpoint in {self.model_dir} does not fit this student "
                 f"({str(error).splitlines()[0][:200]}). Use a new --model_dir."
             ) from None
+        if self.pruner is not None:
+            # Masks are not checkpointed: the zeros in the weights are.
+            self.pruner.masks_from_weights()
         return int(self.step.numpy())
 
     def fit(self, train_dataset_fn, validation_dataset, history=None, on_epoch_end=None):
@@ -303,6 +310,9 @@ class RecoveryTrainer:
                 self.step.assign_add(1)
                 self.batch.assign_add(1)
                 step = int(self.step.numpy())
+                if self.pruner is not None:
+                    if not self.pruner.update(step):
+                        self.pruner.apply()
                 rate = sums["count"] / max(time.perf_counter() - tic, 1e-9)
                 if bar is not None:
                     bar.update(skip + steps, [(k, sums[k] / steps) for k in COMPONENTS]

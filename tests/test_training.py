@@ -220,3 +220,16 @@ def test_deployment_exports_recorded_in_report(tmp_path, teacher_file):
     assert (model_dir / "export" / "model_float32.tflite").exists()
     result = _run(_tiny(tmp_path / "bad", teacher_file, "--export=onnx"))
     assert result.returncode == 2 and "unknown format" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_pruning_during_recovery(tmp_path, teacher_file):
+    from micik_tf import pruning
+
+    model_dir = tmp_path / "pruned"
+    result = _run(_tiny(model_dir, teacher_file, "--steps_per_epoch=6", "--prune_sparsity=0.6"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = _report(model_dir)
+    assert abs(report["sparsity"] - 0.6) < 0.02
+    student = keras.models.load_model(model_dir / "student.keras")
+    zeros = [float(np.mean(np.array(v) == 0)) for _, v in pruning.prunable_variables(student)]
+    assert zeros and min(zeros) > 0.55

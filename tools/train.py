@@ -33,6 +33,8 @@ def define_flags():
     flags.DEFINE_float("ratio", 16.0, "Target compression ratio (parameters), > 1.")
     flags.DEFINE_enum("mode", "micik", ["micik", "per_layer", "common_only"], "Compression mode.")
     flags.DEFINE_enum("share", "auto", ["auto", "input", "output"], "Shared side of the kernels.")
+    flags.DEFINE_float("prune_sparsity", 0.0, "Magnitude-prune the MICIK factors to this "
+                       "sparsity during recovery (tfmot's polynomial schedule; 0: off).")
     flags.DEFINE_integer("calibration_batches", 8, "Batches for the data-aware "
                          "initialisation and BatchNorm re-estimation (0: off).")
     # Losses.
@@ -114,7 +116,7 @@ def main(argv):
         share=FLAGS.share, calibration_batches=FLAGS.calibration_batches,
         strategy=FLAGS.strategy, num_gpus=FLAGS.num_gpus, tpu=FLAGS.tpu,
         export=tuple(FLAGS.export), verbose=FLAGS.verbose,
-        steps_per_epoch=FLAGS.steps_per_epoch,
+        steps_per_epoch=FLAGS.steps_per_epoch, prune_sparsity=FLAGS.prune_sparsity,
         recovery=RecoveryConfig(
             alpha=FLAGS.alpha, beta=FLAGS.beta, gamma=FLAGS.gamma,
             temperature=FLAGS.temperature, window=FLAGS.window, w_near=FLAGS.w_near,
