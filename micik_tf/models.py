@@ -79,3 +79,72 @@ def application_preprocessing(name):
         return None
     preprocess = getattr(keras.applications, module).preprocess_input
     return lambda images: preprocess(images * 255.0)
+
+
+# GoogLeNet (Szegedy et al. 2015, Table 1): per inception module, the widths
+# of the 1x1 branch, the 3x3 reduce and 3x3, the 5x5 reduce and 5x5, and the
+# pool projection. "M" is a 3x3/2 max-pool.
+GOOGLENET_STACK = (
+    ("3a", (64, 96, 128, 16, 32, 32)), ("3b", (128, 128, 192, 32, 96, 64)), "M",
+    ("4a", (192, 96, 208, 16, 48, 64)), ("4b", (160, 112, 224, 24, 64, 64)),
+    ("4c", (128, 128, 256, 24, 64, 64)), ("4d", (112, 144, 288, 32, 64, 64)),
+    ("4e", (256, 160, 320, 32, 128, 128)), "M",
+    ("5a", (256, 160, 320, 32, 128, 128)), ("5b", (384, 192, 384, 48, 128, 128)),
+)
+
+
+def _conv(x, filters, size, name, strides=1):
+    x = keras.layers.Conv2D(filters, size, strides=strides, padding="same",
+                            use_bias=False, name=name)(x)
+    x = keras.layers.BatchNormalization(momentum=0.9, name=f"{name}_bn")(x)
+    return keras.layers.ReLU(name=f"{name}_relu")(x)
+
+
+def _inception(x, name, widths):
+    b1, r3, b3, r5, b5, pool = widths
+    branch1 = _conv(x, b1, 1, f"inception{name}_1x1")
+    branch3 = _conv(_conv(x, r3, 1, f"inception{name}_3x3_reduce"), b3, 3, f"inception{name}_3x3")
+    # The paper's 5x5 branch, kept as one 5x5 convolution.
+    branch5 = _conv(_conv(x, r5, 1, f"inception{name}_5x5_reduce"), b5, 5, f"inception{name}_5x5")
+    pooled = keras.layers.MaxPooling2D(3, strides=1, padding="same", name=f"inception{name}_pool")(x)
+    branch_pool = _conv(pooled, pool, 1, f"inception{name}_pool_proj")
+    return keras.layers.Concatenate(name=f"inception{name}")([branch1, branch3, branch5, branch_pool])
+
+
+def googlenet(input_shape=(224, 224, 3), num_classes=1000, cifar_stem=None, name="googlenet"):
+    """GoogLeNet (Inception v1), the paper's second model, after its Table 1.
+
+    Keras ships no Inception v1. This follows the original layer table (nine
+    inception modules, global average pooling, dropout 0.4, one classifier),
+    with BatchNorm after each convolution (as later Inception versions do) and
+    without the two auxiliary classifiers, which only serve training.
+
+    Args:
+        input_shape: `(height, width, channels)`.
+        num_classes: number of logits.
+        cifar_stem: for small images (default: when the input is 64 pixels
+            or smaller) the 7x7/2 stem and first pools are replaced by one 3x3
+            convolution to 192 channels at stride 1, as in CIFAR variants.
+    """
+    inputs = keras.Input(input_shape, name="image")
+    if cifar_stem is None:
+        cifar_stem = min(input_shape[:2]) <= 64
+    if cifar_stem:
+        x = _conv(inputs, 192, 3, "stem")
+    else:
+        x = _conv(inputs, 64, 7, "conv1", strides=2)
+        x = keras.layers.MaxPooling2D(3, strides=2, padding="same", name="pool1")(x)
+        x = _conv(x, 64, 1, "conv2_reduce")
+        x = _conv(x, 192, 3, "conv2")
+        x = keras.layers.MaxPooling2D(3, strides=2, padding="same", name="pool2")(x)
+    pools = 0
+    for item in GOOGLENET_STACK:
+        if item == "M":
+            pools += 1
+            x = keras.layers.MaxPooling2D(3, strides=2, padding="same", name=f"pool{pools + 2}")(x)
+        else:
+            x = _inception(x, *item)
+    x = keras.layers.GlobalAveragePooling2D(name="avg_pool")(x)
+    x = keras.layers.Dropout(0.4, name="dropout")(x)
+    outputs = keras.layers.Dense(num_classes, name="logits")(x)
+    return keras.Model(inputs, outputs, name=name)

@@ -1,0 +1,29 @@
+"""Reference architectures build, match their papers' sizes, and compress."""
+
+import numpy as np
+
+import micik_tf
+from micik_tf import models
+
+
+def test_googlenet_imagenet_matches_the_paper():
+    model = models.googlenet((224, 224, 3), 1000)
+    # Szegedy et al. report about 6.8M parameters (no auxiliary heads); BatchNorm adds a few.
+    assert 6.5e6 < model.count_params() < 7.2e6
+    assert model.output.shape == (None, 1000)
+    assert model.get_layer("inception5b").output.shape == (None, 7, 7, 1024)
+
+
+def test_googlenet_cifar_compresses_and_runs():
+    model = models.googlenet((32, 32, 3), 10)
+    compressed = micik_tf.compress(model, ratio=6.0, verbose=0)
+    rep = micik_tf.report(compressed)
+    assert abs(rep.ratio / 6.0 - 1) <= 0.02
+    x = np.random.default_rng(0).random((2, 32, 32, 3)).astype("float32")
+    assert compressed.predict(x, verbose=0).shape == (2, 10)
+
+
+def test_cifar_vgg16_shape():
+    model = models.cifar_vgg16((32, 32, 3), 10)
+    convs = [l for l in model.layers if l.name.startswith("conv")]
+    assert len(convs) == 13 and model.output.shape == (None, 10)
