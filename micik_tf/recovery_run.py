@@ -14,7 +14,8 @@ import tensorflow as tf
 import micik_tf
 from micik_tf import data as data_lib
 from micik_tf import distribute, models
-from micik_tf.training import RecoveryConfig, RecoveryTrainer, save_json
+from micik_tf.atomic import atomic_path, write_json
+from micik_tf.training import RecoveryConfig, RecoveryTrainer
 
 TEACHER_ARCHS = ("vgg_style", "vgg_style_small", "cifar_vgg16")
 
@@ -197,16 +198,8 @@ def save_keras(model, path, strategy=None):
         with tempfile.TemporaryDirectory() as scratch:
             model.save(os.path.join(scratch, "discard.keras"))
         return
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, suffix=".keras")
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         model.save(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def _split_validation(source, config):
@@ -247,7 +240,7 @@ def run(config, strategy=None):
     resuming = check_model_dir(config)
     chief = distribute.is_chief(strategy)
     if chief and not resuming:
-        save_json(os.path.join(config.model_dir, "run.json"), {"fingerprint": config.fingerprint()})
+        write_json(os.path.join(config.model_dir, "run.json"), {"fingerprint": config.fingerprint()})
     preprocess = (
         models.application_preprocessing(config.teacher[4:])
         if config.teacher.startswith("app:") else None
@@ -313,7 +306,7 @@ def run(config, strategy=None):
         with open(history_path) as f:
             history = json.load(f)
     history = trainer.fit(train_epoch, val_ds, history=history,
-                          on_epoch_end=lambda h: save_json(history_path, h))
+                          on_epoch_end=lambda h: write_json(history_path, h))
     if trainer.pruner is None:
         # With pruning, an earlier "best" epoch would be less sparse than the
         # schedule's target: keep the final weights instead.
@@ -355,7 +348,7 @@ def run(config, strategy=None):
         plot_path = os.path.join(config.model_dir, "training_curves.png")
         plot_history(history, teacher_accuracy, plot_path)
         report["plot"] = plot_path
-        save_json(os.path.join(config.model_dir, "report.json"), report)
+        write_json(os.path.join(config.model_dir, "report.json"), report)
     return report
 
 
@@ -436,12 +429,11 @@ def plot_history(history, teacher_accuracy, path):
     right.set_ylabel("accuracy")
     right.legend()
     fig.tight_layout()
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, suffix=".png")
-    os.close(fd)
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=100)
+    finally:
+        plt.close(fig)
 
 
 def summary_table(report):

@@ -17,13 +17,11 @@ epoch number, so a resumed run replays exactly the batches it had not seen.
 """
 
 import dataclasses
-import json
 import os
 import shutil
 import tempfile
 import time
 
-import numpy as np
 
 import keras
 import tensorflow as tf
@@ -152,6 +150,12 @@ class RecoveryTrainer:
             # only the chief's copy is kept.
             directory = tempfile.mkdtemp(prefix="micik_worker_ckpt_")
         self._ckpt_dir = directory
+        # Every worker saves the best weights (collective reads); only the
+        # chief's copy, in model_dir, is kept.
+        self._best_path = (
+            os.path.join(model_dir, "best.weights.h5") if self.chief
+            else os.path.join(directory, "discard.weights.h5")
+        )
         self.manager = tf.train.CheckpointManager(self.checkpoint, directory, max_to_keep=3)
         self.writer = (
             tf.summary.create_file_writer(os.path.join(model_dir, "logs"))
@@ -288,7 +292,6 @@ class RecoveryTrainer:
         history = list(history or [])
         config = self.config
         best = max([h["val_accuracy"] for h in history], default=-1.0)
-        best_path = os.path.join(self.model_dir, "best.weights.h5")
         while int(self.epoch.numpy()) < config.epochs:
             epoch = int(self.epoch.numpy())
             skip = int(self.batch.numpy())
@@ -341,11 +344,7 @@ class RecoveryTrainer:
             # converged.
             if val_accuracy >= best:
                 best = val_accuracy
-                # Every worker saves (collective reads); only the chief keeps it.
-                self.student.save_weights(
-                    best_path if self.chief
-                    else os.path.join(self._ckpt_dir, "discard.weights.h5")
-                )
+                self.student.save_weights(self._best_path)
             if self.verbose and self.chief:
                 print(f"  val_accuracy={val_accuracy:.4f} (best {best:.4f})")
             self.epoch.assign_add(1)
@@ -358,8 +357,7 @@ class RecoveryTrainer:
 
     def restore_best(self):
         """Loads the best-validation weights into the student, if saved."""
-        path = os.path.join(self.model_dir if self.chief else self._ckpt_dir,
-                            "best.weights.h5" if self.chief else "discard.weights.h5")
+        path = self._best_path
         if os.path.exists(path):
             self.student.load_weights(path)
             return True
@@ -368,23 +366,3 @@ class RecoveryTrainer:
     def cleanup(self):
         if not self.chief:
             shutil.rmtree(self._ckpt_dir, ignore_errors=True)
-
-
-def save_json(path, data):
-    """Writes JSON atomically: a reader never sees a half-written file."""
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2, default=_jsonable)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def _jsonable(value):
-    if isinstance(value, (np.floating, np.integer)):
-        return value.item()
-    return str(value)

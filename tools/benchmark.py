@@ -355,17 +355,6 @@ def _markdown(suite, result):
     return "\n".join(lines)
 
 
-def _atomic_write(path, text):
-    tmp = f"{path}.{os.getpid()}.tmp"
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
@@ -404,8 +393,10 @@ def main(argv):
     os.makedirs(FLAGS.output_dir, exist_ok=True)
     json_path = os.path.join(FLAGS.output_dir, f"{suite}.json")
     md_path = os.path.join(FLAGS.output_dir, f"{suite}.md")
-    _atomic_write(json_path, json.dumps(result, indent=2) + "\n")
-    _atomic_write(md_path, _markdown(suite, result))
+    from micik_tf.atomic import write_text
+
+    write_text(json_path, json.dumps(result, indent=2) + "\n")
+    write_text(md_path, _markdown(suite, result))
     print(f"wrote {json_path} and {md_path}")
 
 

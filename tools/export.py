@@ -9,7 +9,6 @@ writes <output_dir>/export_report.json. With --representative_data=digits the
 check data is the digits test split, so accuracies are reported too.
 """
 
-import json
 import os
 import sys
 
@@ -121,7 +120,9 @@ def _export():
         "reference_accuracy": _accuracy(model, check_x, check_y),
         "formats": results,
     }
-    _write_json(report_path, report)
+    from micik_tf.atomic import write_json
+
+    write_json(report_path, report)
     print(_table(report))
     print(f"\nWrote {report_path}")
     return 0
@@ -217,19 +218,6 @@ def _table(report):
             line += f" {r['accuracy']:>8.4f}"
         lines.append(line)
     return "\n".join(lines)
-
-
-def _write_json(path, value):
-    """Writes JSON atomically: a temporary file beside `path`, then a rename."""
-    temp = f"{path}.tmp-{os.getpid()}"
-    try:
-        with open(temp, "w") as f:
-            json.dump(value, f, indent=2)
-            f.write("\n")
-        os.replace(temp, path)
-    finally:
-        if os.path.exists(temp):
-            os.remove(temp)
 
 
 def _first_line(error):

@@ -43,10 +43,10 @@ def main():
     with open(path, encoding="utf-8") as f:
         readme = f.read()
     updated = render(readme)
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(updated)
-    os.replace(tmp, path)
+    if updated != readme:
+        from micik_tf.atomic import write_text
+
+        write_text(path, updated)
     print("README.md results section regenerated" if updated != readme else "README.md already up to date")
     return 0
 
