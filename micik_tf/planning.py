@@ -148,12 +148,18 @@ def allocate(grouped, kernels, metrics, budget, mode, min_rank, seed, log):
         log(f"per-layer spectra of {sum(len(g[2]) for g in groups)} layers: "
             f"{time.perf_counter() - tic:.1f}s")
     else:
+        # Only the rank-0 point, so that "no basis, kept dense" can be chosen.
+        for _, _, layers, _ in groups:
+            for layer in layers:
+                layer.curve(0, None, 0)
         result = None
 
     # Step 2: common-rank candidates for groups that may share.
     bases, candidates = {}, {}
     for name, side, layers, group_metric in groups:
-        candidates[name] = [0] if unique else []
+        # 0 (no basis) stays a candidate in common_only mode too: a group
+        # whose members are all best kept dense at some budget is feasible.
+        candidates[name] = [0]
         shareable = mode == "common_only" or (mode == "micik" and len(layers) > 1)
         if not shareable:
             continue

@@ -17,7 +17,11 @@ from micik_tf import distribute, models
 from micik_tf.atomic import atomic_path, write_json
 from micik_tf.training import RecoveryConfig, RecoveryTrainer
 
-TEACHER_ARCHS = ("vgg_style", "vgg_style_small", "cifar_vgg16")
+TEACHER_ARCHS = ("vgg_style", "vgg_style_small", "cifar_vgg16", "vgg16_half")
+# The baseline that does not factorize: the teacher itself, magnitude-pruned
+# during recovery to as many nonzero parameters as `ratio` allows.
+PRUNING_MODE = "magnitude_pruning"
+MODES = ("micik", "per_layer", "common_only", PRUNING_MODE)
 
 
 class UsageError(ValueError):
@@ -38,6 +42,7 @@ class RunConfig:
     ratio: float = 16.0
     mode: str = "micik"
     share: str = "auto"
+    min_rank: int | None = None
     calibration_batches: int = 8
     validation_fraction: float = 0.1
     strategy: str = "default"
@@ -61,6 +66,7 @@ class RunConfig:
             "ratio": float(self.ratio),
             "mode": self.mode,
             "share": self.share,
+            "min_rank": self.min_rank,
             "seed": self.recovery.seed,
             "batch_size": self.recovery.batch_size,
         }
@@ -152,6 +158,9 @@ def _train_teacher(config, source, strategy, path):
         model = models.vgg_style(source.input_shape, source.num_classes)
     elif config.teacher_arch == "cifar_vgg16":
         model = models.cifar_vgg16(source.input_shape, source.num_classes)
+    elif config.teacher_arch == "vgg16_half":
+        model = models.cifar_vgg16(source.input_shape, source.num_classes, dense=256,
+                                   width=0.5, name="vgg16_half")
     else:
         model = models.vgg_style(source.input_shape, source.num_classes,
                                  widths=(16, 16, 32, 32), dense=32)
@@ -224,6 +233,11 @@ def run(config, strategy=None):
     rc = config.recovery
     if not (isinstance(config.ratio, (int, float)) and config.ratio > 1):
         raise UsageError(f"--ratio must be a number > 1. Received: {config.ratio!r}")
+    if config.mode not in MODES:
+        raise UsageError(f"--mode={config.mode!r}: use one of {', '.join(MODES)}.")
+    if config.mode == PRUNING_MODE and config.prune_sparsity:
+        raise UsageError(f"--mode={PRUNING_MODE} sets its own sparsity from --ratio; "
+                         "leave --prune_sparsity at 0.")
     if rc.batch_size < 1 or rc.epochs < 0:
         raise UsageError("--batch_size must be >= 1 and --epochs >= 0.")
     if strategy is None:
@@ -277,10 +291,15 @@ def run(config, strategy=None):
         if os.path.exists(init_path):
             student = keras.models.load_model(init_path)
             _log(config, "compressed student reloaded from this run")
+        elif config.mode == PRUNING_MODE:
+            student = keras.models.clone_model(teacher)
+            student.set_weights(teacher.get_weights())
+            save_keras(student, init_path, strategy)
         else:
             try:
                 student = micik_tf.compress(
                     teacher, ratio=config.ratio, mode=config.mode, share=config.share,
+                    min_rank=config.min_rank,
                     calibration_data=calibration if config.calibration_batches > 0 else None,
                     calibration_batches=max(config.calibration_batches, 1),
                     verbose=config.verbose,
@@ -295,7 +314,10 @@ def run(config, strategy=None):
                                   steps_per_epoch, verbose=config.verbose, pruner=pruner)
 
     teacher_accuracy = trainer.evaluate(teacher, test_ds)
-    before = trainer.evaluate(student, test_ds)
+    if config.mode == PRUNING_MODE:
+        before = _one_shot_pruned_accuracy(trainer, student, pruner, test_ds)
+    else:
+        before = trainer.evaluate(student, test_ds)
     resumed_from = trainer.restore()
     if resumed_from:
         _log(config, f"resumed from step {resumed_from} (epoch {int(trainer.epoch.numpy()) + 1}, "
@@ -314,7 +336,10 @@ def run(config, strategy=None):
     student_accuracy = trainer.evaluate(student, test_ds)
     trainer.cleanup()
 
-    compression = micik_tf.report(student, reference=teacher).to_dict()
+    if config.mode == PRUNING_MODE:
+        compression = _pruned_compression(teacher, student)
+    else:
+        compression = micik_tf.report(student, reference=teacher).to_dict()
     report = {
         "dataset": source.name,
         "teacher_accuracy": teacher_accuracy,
@@ -353,24 +378,80 @@ def run(config, strategy=None):
 
 
 def _pruner(student, config, total_steps):
-    """Magnitude pruning of the MICIK factors during recovery (None if off).
+    """Magnitude pruning during recovery (None if off).
 
-    tfmot's polynomial schedule: from 0 to `prune_sparsity` over the first 70%
-    of the steps, in ten increments; the rest of recovery heals the network.
+    tfmot's polynomial schedule: from 0 to the target sparsity over the first
+    70% of the steps, in ten increments; the rest of recovery heals the
+    network. The target is `prune_sparsity` of the MICIK factors, or, in
+    `magnitude_pruning` mode, the sparsity of the teacher's kernels at which
+    the nonzero parameters meet `ratio`.
     """
-    if not config.prune_sparsity:
-        return None
-    if not 0 < config.prune_sparsity < 1:
-        raise UsageError(f"--prune_sparsity must be in [0, 1). Received: {config.prune_sparsity}")
     from micik_tf import pruning
 
+    include_dense = config.mode == PRUNING_MODE
+    target = pruning_sparsity_for_ratio(student, config.ratio) if include_dense else config.prune_sparsity
+    if not target:
+        return None
+    if not 0 < target < 1:
+        raise UsageError(f"--prune_sparsity must be in [0, 1). Received: {target}")
     end = max(1, int(0.7 * total_steps))
     frequency = max(1, end // 10)
     schedule = pruning.PolynomialDecay(
-        0.0, config.prune_sparsity, begin_step=0,
+        0.0, target, begin_step=0,
         end_step=frequency * max(1, end // frequency), frequency=frequency,
     )
-    return pruning.MagnitudePruner(student, schedule)
+    return pruning.MagnitudePruner(student, schedule, include_dense_kernels=include_dense)
+
+
+def pruning_sparsity_for_ratio(model, ratio):
+    """The kernel sparsity at which `model`'s nonzero parameters are
+    `count_params() / ratio`: the same number of stored parameters as a
+    compressed model at `ratio`. Biases, BatchNorm and every other variable
+    stay dense and count in full."""
+    from micik_tf import pruning
+
+    import numpy as np
+
+    kernels = sum(int(np.prod(v.shape)) for _, v in pruning.prunable_variables(model, True))
+    total = model.count_params()
+    sparsity = (total - total / ratio) / max(kernels, 1)
+    if sparsity >= 1:
+        raise UsageError(
+            f"--ratio={ratio:g} cannot be reached by pruning: {total - kernels:,} of "
+            f"{total:,} parameters are not kernels. The largest reachable ratio is "
+            f"{total / max(total - kernels, 1):.2f}."
+        )
+    return sparsity
+
+
+def _one_shot_pruned_accuracy(trainer, student, pruner, test_ds):
+    """Accuracy with the target sparsity applied at once (the pruning
+    baseline's "before recovery"); the student's weights are put back."""
+    from micik_tf import pruning
+
+    weights = student.get_weights()
+    target = pruner.schedule.final_sparsity
+    one_shot = pruning.MagnitudePruner(student, pruning.ConstantSparsity(target, 0, frequency=1),
+                                       include_dense_kernels=True)
+    one_shot.update(0)
+    accuracy = trainer.evaluate(student, test_ds)
+    student.set_weights(weights)
+    return accuracy
+
+
+def _pruned_compression(teacher, student):
+    """The compression record of a pruned student: stored parameters are all
+    but the zeros of its pruned kernels (everything else is kept dense)."""
+    import numpy as np
+
+    from micik_tf import pruning
+
+    zeros = sum(int(np.sum(keras.ops.convert_to_numpy(v) == 0))
+                for _, v in pruning.prunable_variables(student, True))
+    stored = student.count_params() - zeros
+    before = teacher.count_params()
+    return {"params_before": before, "params_after": stored, "ratio": before / max(stored, 1),
+            "groups": [], "layers": [], "untouched": []}
 
 
 def _export_deployment(student, formats, train, test, config, strategy):

@@ -24,6 +24,7 @@ import json
 import math
 import os
 import platform
+import shutil
 import subprocess
 import time
 
@@ -35,20 +36,34 @@ MODES = ("micik", "per_layer")
 TARGET = {"ratio": 16.0, "seconds": 60.0, "stretch_seconds": 30.0, "cpu_cores": 2}
 
 
+# Each suite's ratios when --ratios is not given.
+DEFAULT_RATIOS = {"compress_speed": ["4", "16"], "recovery": ["16"],
+                  "curve": ["8", "16", "32", "64", "128"], "cost": ["16"],
+                  "paper": [], "deploy": ["16"]}
+
+
 def define_flags():
     flags.DEFINE_enum("suite", None, sorted(SUITES), "Which benchmark suite to run.")
     flags.DEFINE_string("output_dir", "benchmarks/results", "Where <suite>.json and <suite>.md are written.")
-    flags.DEFINE_list("ratios", ["4", "16"], "Target compression ratios, each > 1.")
+    flags.DEFINE_list("ratios", None, "Target compression ratios, each > 1 (default: the "
+                      "suite's own: " + "; ".join(f"{k} {','.join(v) or '-'}"
+                                                  for k, v in DEFAULT_RATIOS.items()) + ").")
+    flags.DEFINE_integer("seeds", 3, "curve: seeds per cell (0, 1, ...).")
+    flags.DEFINE_integer("epochs", None, "curve: recovery epochs per run (default 12).")
+    flags.DEFINE_list("methods", None, "curve: methods to run (default: all).")
     flags.DEFINE_bool(
         "smoke",
         False,
-        "Use a small model (VGG-16 at 1/8 width, 32x32 inputs) so the suite runs in seconds.",
+        "Tiny models and a step or two of training, so the suite runs in well under a "
+        "minute (for tests); results go to --output_dir as usual.",
     )
     flags.register_validator("ratios", _ratios_valid, message="--ratios must be numbers > 1, e.g. --ratios=4,16")
     flags.mark_flag_as_required("suite")
 
 
 def _ratios_valid(values):
+    if values is None:
+        return True
     try:
         return len(values) > 0 and all(float(v) > 1 for v in values)
     except ValueError:
@@ -314,12 +329,7 @@ def _recovery_markdown(suite, result):
     return "\n".join(lines)
 
 
-SUITES = {"compress_speed": compress_speed, "recovery": recovery}
-
-
-def _markdown(suite, result):
-    if suite == "recovery":
-        return _recovery_markdown(suite, result)
+def _compress_speed_markdown(suite, result):
     lines = [
         f"# {suite}{' (smoke)' if result['smoke'] else ''}",
         "",
@@ -355,19 +365,66 @@ def _markdown(suite, result):
     return "\n".join(lines)
 
 
+def curve(ratios, smoke):
+    from micik_tf.benchmarks import curve as curve_lib
+
+    result, work = curve_lib.run_suite(
+        ratios, seeds=FLAGS.seeds, smoke=smoke, epochs=FLAGS.epochs or curve_lib.DEFAULT_EPOCHS,
+        output_dir=FLAGS.output_dir, methods=FLAGS.methods or curve_lib.METHOD_ORDER,
+    )
+    result["_work"] = work
+    return result
+
+
+def _curve_markdown(suite, result):
+    from micik_tf.benchmarks import curve as curve_lib
+
+    return curve_lib.markdown(result, _command(suite, result))
+
+
+def _curve_plot(result, path):
+    from micik_tf.benchmarks import curve as curve_lib
+
+    curve_lib.plot(result, path)
+
+
+def _command(suite, result):
+    """The command line that rewrites this suite's results."""
+    parts = [f"python tools/benchmark.py --suite={suite}"]
+    if FLAGS["ratios"].present:
+        parts.append(f"--ratios={','.join(FLAGS.ratios)}")
+    for name in ("seeds", "epochs", "methods"):
+        if FLAGS[name].present:
+            value = FLAGS[name].value
+            parts.append(f"--{name}={','.join(value) if isinstance(value, list) else value}")
+    if result["smoke"]:
+        parts.append("--smoke")
+    return " ".join(parts)
+
+
+# name: (run(ratios, smoke) -> result, markdown(suite, result) -> str, plot(result, path) or None)
+SUITES = {
+    "compress_speed": (compress_speed, _compress_speed_markdown, None),
+    "recovery": (recovery, _recovery_markdown, None),
+    "curve": (curve, _curve_markdown, _curve_plot),
+}
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
     # TF's checkpoint code logs every save at INFO through absl.
     logging.set_verbosity(logging.WARNING)
-    ratios = [float(r) for r in FLAGS.ratios]
     suite = FLAGS.suite
+    ratios = [float(r) for r in (FLAGS.ratios if FLAGS.ratios is not None else DEFAULT_RATIOS[suite])]
+    run_suite, render, draw = SUITES[suite]
     started = time.perf_counter()
     load_before = _load_average()
-    result = SUITES[suite](ratios, FLAGS.smoke)
+    result = run_suite(ratios, FLAGS.smoke)
+    work = result.pop("_work", None)
     machine = _machine()
     target_runs = [
-        r for r in result["runs"]
+        r for r in result.get("runs", ())
         if suite == "compress_speed" and r["mode"] == "micik" and r["target_ratio"] == TARGET["ratio"]
     ]
     result.update(
@@ -396,8 +453,15 @@ def main(argv):
     from micik_tf.atomic import write_text
 
     write_text(json_path, json.dumps(result, indent=2) + "\n")
-    write_text(md_path, _markdown(suite, result))
-    print(f"wrote {json_path} and {md_path}")
+    write_text(md_path, render(suite, result))
+    written = [json_path, md_path]
+    if draw is not None:
+        written.append(os.path.join(FLAGS.output_dir, f"{suite}.png"))
+        draw(result, written[-1])
+    if work is not None:
+        # The suite's resumable state: done with once the results are written.
+        shutil.rmtree(work, ignore_errors=True)
+    print(f"wrote {', '.join(written)}")
 
 
 if __name__ == "__main__":

@@ -33,6 +33,9 @@ def define_flags():
     flags.DEFINE_float("ratio", 16.0, "Target compression ratio (parameters), > 1.")
     flags.DEFINE_enum("mode", "micik", ["micik", "per_layer", "common_only"], "Compression mode.")
     flags.DEFINE_enum("share", "auto", ["auto", "input", "output"], "Shared side of the kernels.")
+    flags.DEFINE_integer("min_rank", None, "Smallest total rank per compressed layer "
+                         "(default: compress()'s, 8 capped at a sixteenth of the smaller "
+                         "side). Lower it to reach ratios above 20x on small models.")
     flags.DEFINE_float("prune_sparsity", 0.0, "Magnitude-prune the MICIK factors to this "
                        "sparsity during recovery (tfmot's polynomial schedule; 0: off).")
     flags.DEFINE_integer("calibration_batches", 8, "Batches for the data-aware "
@@ -113,7 +116,7 @@ def main(argv):
         image_size=FLAGS.image_size, augment=tuple(FLAGS.augment), teacher=FLAGS.teacher,
         teacher_arch=FLAGS.teacher_arch, teacher_epochs=FLAGS.teacher_epochs,
         teacher_weights=FLAGS.teacher_weights, ratio=FLAGS.ratio, mode=FLAGS.mode,
-        share=FLAGS.share, calibration_batches=FLAGS.calibration_batches,
+        share=FLAGS.share, min_rank=FLAGS.min_rank, calibration_batches=FLAGS.calibration_batches,
         strategy=FLAGS.strategy, num_gpus=FLAGS.num_gpus, tpu=FLAGS.tpu,
         export=tuple(FLAGS.export), verbose=FLAGS.verbose,
         steps_per_epoch=FLAGS.steps_per_epoch, prune_sparsity=FLAGS.prune_sparsity,

@@ -1,0 +1,302 @@
+"""The accuracy-compression curve: MICIK against per-layer low-rank and
+magnitude pruning at an equal number of stored parameters, with ablations.
+
+One teacher (a half-width VGG-16-BN, 3.8M parameters) is trained on the
+digits; then, for every seed and ratio, each method compresses it to the same
+parameter budget and recovers for the same epochs on the same data order:
+
+    micik            shared + unique parts, CE + L_kd + L_sim + L_inh
+    per_layer_kd     per-layer SVD (mode="per_layer"), the same losses
+    per_layer_ft     per-layer SVD, cross-entropy only (plain fine-tuning)
+    pruning          the teacher, magnitude-pruned during recovery to as many
+                     nonzero parameters, the same losses
+    micik_no_sim     MICIK without L_sim
+    micik_no_kd      MICIK without L_kd
+    micik_no_unique  shared parts only (mode="common_only")
+    micik_no_common  MICIK without the shared part: by construction the same
+                     configuration as per_layer_kd, so its rows are that
+                     run's, marked `same_run_as`
+
+Rows are saved after every run (`.curve_work/` in the output folder), so
+an interrupted suite continues where it stopped when rerun with the same
+options.
+"""
+
+import dataclasses
+import json
+import os
+import shutil
+import statistics
+import tempfile
+import time
+
+from micik_tf.atomic import write_json
+
+METHODS = {
+    "micik": dict(mode="micik"),
+    "per_layer_kd": dict(mode="per_layer"),
+    "per_layer_ft": dict(mode="per_layer", alpha=0.0, beta=0.0, gamma=0.0),
+    "pruning": dict(mode="magnitude_pruning"),
+    "micik_no_sim": dict(mode="micik", beta=0.0),
+    "micik_no_kd": dict(mode="micik", alpha=0.0),
+    "micik_no_unique": dict(mode="common_only"),
+}
+# Methods whose configuration is another's: their rows are that run's.
+ALIASES = {"micik_no_common": "per_layer_kd"}
+METHOD_ORDER = tuple(METHODS) + tuple(ALIASES)
+DEFAULT_RATIOS = (8.0, 16.0, 32.0, 64.0, 128.0)
+# Recovery epochs per run: what fits the whole suite (about 100 runs) into an
+# hour on 2 CPU cores.
+DEFAULT_EPOCHS = 12
+LEARNING_RATE = 2e-3
+BATCH = 64
+TEACHER_EPOCHS = 20
+
+
+def _base_config(smoke, epochs):
+    from micik_tf import recovery_run
+    from micik_tf.training import RecoveryConfig
+
+    return recovery_run.RunConfig(
+        model_dir="", dataset="digits", teacher="train",
+        teacher_arch="vgg_style_small" if smoke else "vgg16_half",
+        teacher_epochs=1 if smoke else TEACHER_EPOCHS,
+        # Ratios up to 128x on a 3.8M-parameter model need ranks below
+        # compress()'s default floor of 8.
+        min_rank=1, verbose=0, export=(),
+        steps_per_epoch=2 if smoke else None,
+        recovery=RecoveryConfig(epochs=1 if smoke else epochs, batch_size=BATCH,
+                                learning_rate=LEARNING_RATE, checkpoint_every=1_000_000),
+    )
+
+
+def run_suite(ratios=None, seeds=3, smoke=False, epochs=DEFAULT_EPOCHS, output_dir=".",
+              methods=METHOD_ORDER, log=print):
+    """Runs every (seed, ratio, method) cell; returns the results dict."""
+    import keras
+
+    from micik_tf import recovery_run
+
+    ratios = list(ratios or DEFAULT_RATIOS)
+    seeds = list(range(seeds))
+    unknown = set(methods) - set(METHOD_ORDER)
+    if unknown:
+        raise ValueError(f"Unknown method(s) {sorted(unknown)}; choose from {METHOD_ORDER}.")
+    base = _base_config(smoke, epochs)
+    options = {"ratios": ratios, "seeds": seeds, "smoke": smoke, "epochs": base.recovery.epochs,
+               "methods": list(methods)}
+    # Work that outlives one process (the teacher, rows so far); not results.
+    work = os.path.join(output_dir, ".curve_work")
+    partial_path = os.path.join(work, "state.json")
+    state = _load_partial(partial_path, options)
+    scratch = tempfile.mkdtemp(prefix="micik_curve_")
+    try:
+        if state["teacher"] is None or not os.path.exists(state["teacher"]["path"]):
+            keras.utils.set_random_seed(0)
+            teacher_dir = os.path.join(work, "teacher")
+            shutil.rmtree(teacher_dir, ignore_errors=True)
+            tic = time.perf_counter()
+            state["teacher"] = dict(_train_teacher(base, teacher_dir),
+                                    seconds=time.perf_counter() - tic)
+            report = {"params_before": state["teacher"]["params"],
+                      "teacher_accuracy": state["teacher"]["accuracy"]}
+            log(f"teacher: {report['params_before']:,} parameters, "
+                f"test accuracy {report['teacher_accuracy']:.4f}")
+            write_json(partial_path, state)
+        done = {(r["method"], r["ratio"], r["seed"]) for r in state["rows"]}
+        for seed in seeds:
+            for ratio in ratios:
+                for method in methods:
+                    if method in ALIASES or (method, ratio, seed) in done:
+                        continue
+                    row = _run_cell(base, state["teacher"]["path"], method, ratio, seed, scratch)
+                    state["rows"].append(row)
+                    write_json(partial_path, state)
+                    log(f"seed {seed} ratio {ratio:>5g} {method:<16} "
+                        + (f"{row['achieved_ratio']:.2f}x before {row['accuracy_before_recovery']:.4f} "
+                           f"after {row['accuracy']:.4f} ({row['wall_seconds']:.0f}s)"
+                           if row["accuracy"] is not None else f"unreachable: {row['error']}"))
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    rows = list(state["rows"])
+    for alias, source in ALIASES.items():
+        if alias in methods:
+            rows += [dict(r, method=alias, same_run_as=source) for r in state["rows"]
+                     if r["method"] == source]
+    result = {
+        "model": "vgg16_half (VGG-16-BN at half width) on digits"
+                 + (" (smoke: vgg_style_small)" if smoke else ""),
+        "teacher_accuracy": state["teacher"]["accuracy"],
+        "teacher_params": state["teacher"]["params"],
+        "test_examples": 450,
+        "epochs": base.recovery.epochs,
+        "seeds": seeds,
+        "learning_rate": LEARNING_RATE,
+        "batch_size": BATCH,
+        "methods": {m: METHODS.get(m) or {"same_run_as": ALIASES[m]} for m in methods},
+        "rows": rows,
+        "summary": summarize(rows, state["teacher"]["accuracy"]),
+    }
+    return result, work
+
+
+def _train_teacher(base, teacher_dir):
+    """Trains the suite's one teacher (recovery_run's recipe) into teacher_dir."""
+    import numpy as np
+    import tensorflow as tf
+
+    from micik_tf import data as data_lib
+    from micik_tf import recovery_run
+
+    os.makedirs(teacher_dir)
+    source = data_lib.load(base.dataset, seed=0)
+    config = dataclasses.replace(base, model_dir=teacher_dir)
+    teacher, _ = recovery_run.load_teacher(config, source, tf.distribute.get_strategy())
+    correct = total = 0
+    for x, y in data_lib.pipeline(source.test, 256, training=False):
+        correct += int(np.sum(np.argmax(teacher.predict(x, verbose=0), -1) == y.numpy()))
+        total += int(len(y))
+    return {"path": os.path.join(teacher_dir, "teacher.keras"),
+            "accuracy": correct / total, "params": int(teacher.count_params())}
+
+
+def _load_partial(path, options):
+    if os.path.exists(path):
+        with open(path) as f:
+            state = json.load(f)
+        if state.get("options") == options:
+            return state
+    return {"options": options, "teacher": None, "rows": []}
+
+
+def _run_cell(base, teacher_path, method, ratio, seed, scratch):
+    import keras
+
+    from micik_tf import recovery_run
+
+    change = METHODS[method]
+    losses = {k: v for k, v in change.items() if k in ("alpha", "beta", "gamma")}
+    model_dir = os.path.join(scratch, f"{method}_{ratio:g}_{seed}")
+    config = dataclasses.replace(
+        base, model_dir=model_dir, teacher=teacher_path, mode=change["mode"], ratio=ratio,
+        recovery=dataclasses.replace(base.recovery, seed=seed, **losses),
+    )
+    keras.utils.set_random_seed(seed)
+    row = {"method": method, "ratio": ratio, "seed": seed}
+    try:
+        report = recovery_run.run(config)
+    except recovery_run.UsageError as error:
+        return dict(row, achieved_ratio=None, params=None, accuracy_before_recovery=None,
+                    accuracy=None, error=str(error), wall_seconds=None)
+    finally:
+        shutil.rmtree(model_dir, ignore_errors=True)
+    return dict(
+        row,
+        achieved_ratio=report["ratio"],
+        params=report["params_after"],
+        accuracy_before_recovery=report["student_accuracy_before_recovery"],
+        accuracy=report["student_accuracy"],
+        teacher_accuracy=report["teacher_accuracy"],
+        wall_seconds=report["wall_seconds"],
+    )
+
+
+def summarize(rows, teacher_accuracy):
+    """Mean and standard deviation over seeds of each (method, ratio) cell."""
+    cells = {}
+    for row in rows:
+        cells.setdefault((row["method"], row["ratio"]), []).append(row)
+    summary = []
+    for (method, ratio), group in sorted(
+        cells.items(), key=lambda kv: (kv[0][1], METHOD_ORDER.index(kv[0][0]))
+    ):
+        ok = [r for r in group if r["accuracy"] is not None]
+        if not ok:
+            summary.append({"method": method, "ratio": ratio, "seeds": 0, "error": group[0]["error"]})
+            continue
+        acc = [r["accuracy"] for r in ok]
+        before = [r["accuracy_before_recovery"] for r in ok]
+        summary.append({
+            "method": method, "ratio": ratio, "seeds": len(ok),
+            "params": statistics.mean(r["params"] for r in ok),
+            "achieved_ratio": statistics.mean(r["achieved_ratio"] for r in ok),
+            "accuracy_mean": statistics.mean(acc),
+            "accuracy_std": statistics.stdev(acc) if len(acc) > 1 else 0.0,
+            "before_mean": statistics.mean(before),
+            "before_std": statistics.stdev(before) if len(before) > 1 else 0.0,
+            "drop_points": 100 * (teacher_accuracy - statistics.mean(acc)),
+        })
+    return summary
+
+
+def markdown(result, command):
+    lines = [
+        f"# curve{' (smoke)' if result['smoke'] else ''}",
+        "",
+        f"Teacher: {result['model']}, {result['teacher_params']:,} parameters, test accuracy "
+        f"{result['teacher_accuracy']:.4f}. Every method gets the same parameter budget, "
+        f"{result['epochs']} recovery epochs (Adam, cosine from {result['learning_rate']:g}, "
+        f"batch {result['batch_size']}) and the same data order per seed; mean ± std over "
+        f"{len(result['seeds'])} seed(s). Written {result['written']} by `{command}`.",
+        "",
+        "![accuracy against compression ratio](curve.png)",
+        "",
+        "| ratio | method | params | before recovery | after recovery | drop (points) |",
+        "|---:|---|---:|---:|---:|---:|",
+    ]
+    for cell in result["summary"]:
+        if not cell["seeds"]:
+            lines.append(f"| {cell['ratio']:g} | {cell['method']} | - | - | unreachable | - |")
+            continue
+        lines.append(
+            f"| {cell['ratio']:g} | {cell['method']} | {cell['params']:,.0f} "
+            f"| {cell['before_mean']:.4f} ± {cell['before_std']:.4f} "
+            f"| {cell['accuracy_mean']:.4f} ± {cell['accuracy_std']:.4f} "
+            f"| {cell['drop_points']:.2f} |"
+        )
+    lines += [
+        "",
+        "params: stored parameters after compression (for pruning, the nonzero ones), "
+        "every variable counted once, biases and BatchNorm included. micik_no_common is "
+        "per_layer_kd's run: without a shared part, MICIK with its full losses is exactly "
+        "that configuration. The digits test split has 450 images: one image is 0.22 points.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def plot(result, path):
+    """Accuracy after recovery against ratio, one line per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    from micik_tf.atomic import atomic_path
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    styles = {"micik": dict(linewidth=2.5, color="C3"), "per_layer_kd": dict(color="C0"),
+              "per_layer_ft": dict(color="C0", linestyle=":"), "pruning": dict(color="C2")}
+    for method in METHOD_ORDER:
+        if method in ALIASES:
+            continue  # drawn under its source's line
+        cells = [c for c in result["summary"] if c["method"] == method and c["seeds"]]
+        if not cells:
+            continue
+        style = styles.get(method, dict(linestyle="--", alpha=0.7, linewidth=1))
+        ax.errorbar([c["ratio"] for c in cells], [c["accuracy_mean"] for c in cells],
+                    yerr=[c["accuracy_std"] for c in cells], marker="o", capsize=3,
+                    label=method, **style)
+    ax.axhline(result["teacher_accuracy"], color="k", linestyle="--", label="teacher")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("compression ratio (parameters)")
+    ax.set_ylabel("test accuracy after recovery")
+    ax.set_title(f"{result['model']}: accuracy vs compression")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=100)
+    finally:
+        plt.close(fig)
