@@ -10,6 +10,7 @@ imports tensorflow-model-optimization or tf_keras, so TensorFlow's Keras stays K
 
 from micik_tf.calibration import recalibrate_batchnorm
 from micik_tf.compress import DEFAULT_RATIO, compress
+from micik_tf.deployment import export
 from micik_tf.layers import FactorizedConv2D, FactorizedDense, SharedBasis
 from micik_tf.losses import (
     CrossLayerSimilarity,
@@ -31,6 +32,7 @@ __all__ = [
     "Report",
     "SharedBasis",
     "compress",
+    "export",
     "feature_model",
     "linear_cka",
     "logits_distillation",

@@ -3,6 +3,7 @@ exports and report. `tools/train.py` parses flags into a `RunConfig` and calls
 `run()`; tests call `run()` directly on tiny configurations."""
 
 import dataclasses
+import inspect
 import json
 import os
 import tempfile
@@ -17,11 +18,15 @@ from micik_tf import distribute, models
 from micik_tf.atomic import atomic_path, write_json
 from micik_tf.training import RecoveryConfig, RecoveryTrainer
 
-TEACHER_ARCHS = ("vgg_style", "vgg_style_small", "cifar_vgg16", "vgg16_half")
+TEACHER_ARCHS = ("vgg_style", "vgg_style_small", "cifar_vgg16", "vgg16_half", "googlenet")
 # The baseline that does not factorize: the teacher itself, magnitude-pruned
 # during recovery to as many nonzero parameters as `ratio` allows.
 PRUNING_MODE = "magnitude_pruning"
 MODES = ("micik", "per_layer", "common_only", PRUNING_MODE)
+# --quantize: the TFLite format each choice adds to the exports; "int8" also
+# trains the final QAT_FRACTION of the recovery steps on int8-rounded weights.
+QUANTIZE_FORMATS = {"none": None, "fp16": "tflite_fp16", "int8": "tflite_int8"}
+QAT_FRACTION = 0.3
 
 
 class UsageError(ValueError):
@@ -51,6 +56,7 @@ class RunConfig:
     export: tuple = ("keras",)
     steps_per_epoch: int | None = None
     prune_sparsity: float = 0.0
+    quantize: str = "none"
     recovery: RecoveryConfig = dataclasses.field(default_factory=RecoveryConfig)
     verbose: int = 1
 
@@ -63,6 +69,7 @@ class RunConfig:
             "teacher": self.teacher,
             "teacher_arch": self.teacher_arch if self.teacher == "train" else None,
             "prune_sparsity": float(self.prune_sparsity),
+            "quantize": self.quantize,
             "ratio": float(self.ratio),
             "mode": self.mode,
             "share": self.share,
@@ -115,11 +122,14 @@ def load_teacher(config, source, strategy):
         if not hasattr(keras.applications, name):
             raise UsageError(f"--teacher={spec}: keras.applications has no model {name!r}.")
         weights = None if config.teacher_weights in ("", "none", "None") else config.teacher_weights
+        builder = getattr(keras.applications, name)
+        kwargs = dict(weights=weights, input_shape=source.input_shape, classes=source.num_classes)
+        # The losses take logits (CE and KD with from_logits, KD's temperature
+        # divides logits), so the softmax head is left off.
+        if "classifier_activation" in inspect.signature(builder).parameters:
+            kwargs["classifier_activation"] = None
         try:
-            model = getattr(keras.applications, name)(
-                weights=weights, input_shape=source.input_shape,
-                classes=source.num_classes,
-            )
+            model = builder(**kwargs)
         except Exception as error:  # downloads and shape checks fail in many ways
             raise UsageError(f"--teacher={spec}: cannot build it ({_first_line(error)}).") from None
         return model, f"keras.applications.{name}"
@@ -158,6 +168,8 @@ def _train_teacher(config, source, strategy, path):
         model = models.vgg_style(source.input_shape, source.num_classes)
     elif config.teacher_arch == "cifar_vgg16":
         model = models.cifar_vgg16(source.input_shape, source.num_classes)
+    elif config.teacher_arch == "googlenet":
+        model = models.googlenet(source.input_shape, source.num_classes)
     elif config.teacher_arch == "vgg16_half":
         model = models.cifar_vgg16(source.input_shape, source.num_classes, dense=256,
                                    width=0.5, name="vgg16_half")
@@ -238,6 +250,9 @@ def run(config, strategy=None):
     if config.mode == PRUNING_MODE and config.prune_sparsity:
         raise UsageError(f"--mode={PRUNING_MODE} sets its own sparsity from --ratio; "
                          "leave --prune_sparsity at 0.")
+    if config.quantize not in QUANTIZE_FORMATS:
+        raise UsageError(f"--quantize={config.quantize!r}: use one of "
+                         f"{', '.join(QUANTIZE_FORMATS)}.")
     if rc.batch_size < 1 or rc.epochs < 0:
         raise UsageError("--batch_size must be >= 1 and --epochs >= 0.")
     if strategy is None:
@@ -310,8 +325,15 @@ def run(config, strategy=None):
         if rc.mixed_precision:
             student = with_dtype_policy(student, "mixed_float16")
         pruner = _pruner(student, config, steps_per_epoch * rc.epochs)
+        quantizer = None
+        if config.quantize == "int8":
+            from micik_tf.quantization import WeightQuantizer
+
+            quantizer = WeightQuantizer(
+                student, begin_step=int((1 - QAT_FRACTION) * steps_per_epoch * rc.epochs) + 1)
         trainer = RecoveryTrainer(teacher, student, strategy, rc, config.model_dir,
-                                  steps_per_epoch, verbose=config.verbose, pruner=pruner)
+                                  steps_per_epoch, verbose=config.verbose, pruner=pruner,
+                                  quantizer=quantizer)
 
     teacher_accuracy = trainer.evaluate(teacher, test_ds)
     if config.mode == PRUNING_MODE:
@@ -329,9 +351,9 @@ def run(config, strategy=None):
             history = json.load(f)
     history = trainer.fit(train_epoch, val_ds, history=history,
                           on_epoch_end=lambda h: write_json(history_path, h))
-    if trainer.pruner is None:
-        # With pruning, an earlier "best" epoch would be less sparse than the
-        # schedule's target: keep the final weights instead.
+    if trainer.pruner is None and trainer.quantizer is None:
+        # With pruning (or QAT), an earlier "best" epoch would be less sparse
+        # (or not yet trained for int8) than the end: keep the final weights.
         trainer.restore_best()
     student_accuracy = trainer.evaluate(student, test_ds)
     trainer.cleanup()
@@ -358,6 +380,8 @@ def run(config, strategy=None):
                          "temperature": rc.temperature, "window": rc.window},
         "history": history,
         "sparsity": trainer.pruner.sparsity()["overall"] if trainer.pruner else 0.0,
+        "quantize": config.quantize,
+        "qat_from_step": quantizer.begin_step if quantizer is not None else None,
         "compression": compression,
         "exports": {},
     }
@@ -365,8 +389,15 @@ def run(config, strategy=None):
         path = os.path.join(config.model_dir, "student.keras")
         save_keras(student, path, strategy)
         if chief:
-            report["exports"]["keras"] = {"path": path, "bytes": os.path.getsize(path)}
+            from micik_tf.deployment import gzip_size
+
+            report["exports"]["keras"] = {"path": path, "bytes": os.path.getsize(path),
+                                          "gzip_bytes": gzip_size(path),
+                                          "accuracy": student_accuracy}
     deploy = [f for f in config.export if f != "keras"]
+    added = QUANTIZE_FORMATS[config.quantize]
+    if added and added not in deploy:
+        deploy.append(added)
     if deploy:
         report["exports"].update(_export_deployment(student, deploy, train, source.test, config, strategy))
     if chief:
@@ -464,7 +495,7 @@ def _export_deployment(student, formats, train, test, config, strategy):
     """
     import numpy as np
 
-    from micik_tf import export as export_lib
+    from micik_tf import deployment as export_lib
 
     def arrays(ds, limit):
         xs, ys = [], []

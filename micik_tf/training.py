@@ -112,15 +112,18 @@ class RecoveryTrainer:
         pruner: optional `micik_tf.pruning.MagnitudePruner`; it is updated
             after every step, outside `strategy.run`, so pruned weights stay
             zero while recovery trains the rest.
+        quantizer: optional `micik_tf.quantization.WeightQuantizer`: from its
+            `begin_step` on, each step trains on int8-rounded weights (QAT).
     """
 
     def __init__(self, teacher, student, strategy, config, model_dir, steps_per_epoch,
-                 feature_layers=None, verbose=1, pruner=None):
+                 feature_layers=None, verbose=1, pruner=None, quantizer=None):
         self.teacher, self.student, self.strategy = teacher, student, strategy
         self.config, self.model_dir, self.verbose = config, model_dir, verbose
         self.steps_per_epoch = int(steps_per_epoch)
         self.replicas = strategy.num_replicas_in_sync
         self.pruner = pruner
+        self.quantizer = quantizer
         self.chief = distribute.is_chief(strategy)
         if feature_layers is None:
             feature_layers = losses.similarity_layer_names(teacher, student)
@@ -305,14 +308,19 @@ class RecoveryTrainer:
             sums = {k: 0.0 for k in COMPONENTS + ("correct", "count")}
             steps, tic = 0, time.perf_counter()
             for x, y in self.strategy.experimental_distribute_dataset(dataset):
+                step = int(self.step.numpy()) + 1
+                if self.quantizer is not None:
+                    self.quantizer.before_step(step)
                 logs = self._train_step(x, y)
+                if self.quantizer is not None:
+                    # Before the pruner: it ranks the float weights.
+                    self.quantizer.after_step()
                 logs = {k: float(v) for k, v in logs.items()}
                 for k in sums:
                     sums[k] += logs[k]
                 steps += 1
                 self.step.assign_add(1)
                 self.batch.assign_add(1)
-                step = int(self.step.numpy())
                 if self.pruner is not None:
                     if not self.pruner.update(step):
                         self.pruner.apply()

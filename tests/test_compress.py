@@ -64,6 +64,17 @@ def test_ratio_reached_within_two_percent_and_counted_honestly(mode):
         assert abs(rep.ratio / ratio - 1) <= 0.02, (ratio, rep.ratio)
 
 
+def test_common_only_may_keep_a_group_dense():
+    """The shared-parts-only ablation at a budget where some groups are best
+    left dense (it used to fail with "no feasible choice")."""
+    model = vgg_like()
+    for ratio in (1.5, 4.0):
+        compressed = micik_tf.compress(model, ratio=ratio, mode="common_only", min_rank=1, verbose=0)
+        rep = micik_tf.report(compressed)
+        assert rep.ratio >= ratio * 0.98
+        assert all(l["rank_unique"] == 0 for l in rep.layers)
+
+
 def test_error_never_increases_as_ratio_shrinks():
     model = vgg_like()
     errors = [

@@ -16,7 +16,7 @@ from ai_edge_litert.interpreter import Interpreter
 
 import micik_tf
 from micik_tf import data, models
-from micik_tf.export import ARTIFACTS, FORMATS, export
+from micik_tf.deployment import ARTIFACTS, FORMATS, export
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOOL = os.path.join(ROOT, "tools", "export.py")
@@ -57,6 +57,10 @@ def exported(digits, tmp_path_factory):
     results = export(compressed, directory, formats=FORMATS, representative_data=train_x,
                      check_data=test_x, check_labels=test_y)
     return directory, results
+
+
+def test_export_is_the_package_level_function():
+    assert micik_tf.export is export and callable(micik_tf.export)
 
 
 def test_the_digits_model_shares_a_basis(digits):

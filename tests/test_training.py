@@ -222,14 +222,46 @@ def test_deployment_exports_recorded_in_report(tmp_path, teacher_file):
     assert result.returncode == 2 and "unknown format" in result.stderr and "Traceback" not in result.stderr
 
 
-def test_pruning_during_recovery(tmp_path, teacher_file):
+def test_pruning_and_qat_during_recovery(tmp_path, teacher_file):
     from micik_tf import pruning
+    from micik_tf.quantization import fake_quantize
 
     model_dir = tmp_path / "pruned"
-    result = _run(_tiny(model_dir, teacher_file, "--steps_per_epoch=6", "--prune_sparsity=0.6"))
+    result = _run(_tiny(model_dir, teacher_file, "--steps_per_epoch=6", "--prune_sparsity=0.6",
+                        "--quantize=int8"))
     assert result.returncode == 0, result.stderr[-3000:]
     report = _report(model_dir)
     assert abs(report["sparsity"] - 0.6) < 0.02
     student = keras.models.load_model(model_dir / "student.keras")
     zeros = [float(np.mean(np.array(v) == 0)) for _, v in pruning.prunable_variables(student)]
     assert zeros and min(zeros) > 0.55
+    # QAT ran on the last steps (after pruning), and --quantize=int8 exported
+    # the full-integer file, checked against Keras on the test split.
+    assert report["quantize"] == "int8" and 1 < report["qat_from_step"] <= 6
+    int8 = report["exports"]["tflite_int8"]
+    assert int8["gzip_bytes"] < int8["bytes"] and int8["accuracy"] is not None
+    assert abs(int8["accuracy"] - report["student_accuracy"]) <= 0.02
+    assert report["exports"]["keras"]["gzip_bytes"] > 0
+    # The saved weights are the float master weights, not their rounding.
+    factor = np.array(pruning.prunable_variables(student)[0][1])
+    assert not np.array_equal(factor, fake_quantize(factor))
+
+
+def test_magnitude_pruning_baseline_stores_the_same_parameter_count(tmp_path, teacher_file):
+    model_dir = tmp_path / "baseline"
+    result = _run(_tiny(model_dir, teacher_file, "--steps_per_epoch=4", "--mode=magnitude_pruning",
+                        "--ratio=4"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = _report(model_dir)
+    teacher = keras.models.load_model(teacher_file)
+    assert report["params_before"] == teacher.count_params()
+    # Stored parameters: every nonzero (pruned kernels) plus all the rest.
+    assert abs(report["ratio"] / 4 - 1) <= 0.01
+    student = keras.models.load_model(model_dir / "student.keras")
+    nonzero = sum(int(np.count_nonzero(np.array(w))) for w in student.weights)
+    assert nonzero <= report["params_after"]
+    assert student.get_layer("conv2").__class__ is keras.layers.Conv2D  # not factorized
+    result = _run(_tiny(tmp_path / "too_far", teacher_file, "--mode=magnitude_pruning",
+                        "--ratio=100000"))
+    assert result.returncode == 2 and "cannot be reached by pruning" in result.stderr
+    assert "Traceback" not in result.stderr

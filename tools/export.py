@@ -3,7 +3,7 @@
     python tools/export.py --model=runs/digits/student.keras \
         --output_dir=runs/digits/export --representative_data=digits
 
-Writes one artifact per format (see micik_tf.export.ARTIFACTS), runs each on
+Writes one artifact per format (see micik_tf.deployment.ARTIFACTS), runs each on
 check data and compares it with the Keras model, prints a size table and
 writes <output_dir>/export_report.json. With --representative_data=digits the
 check data is the digits test split, so accuracies are reported too.
@@ -25,7 +25,7 @@ class UsageError(Exception):
 
 def define_flags():
     """All flags of this binary, defined once (TF official models style)."""
-    from micik_tf.export import DEFAULT_FORMATS, FORMATS
+    from micik_tf.deployment import DEFAULT_FORMATS, FORMATS
 
     flags.DEFINE_string("model", None, "A .keras file saved by Keras 3 (loaded with "
                         "safe_mode on, so files carrying code are refused).")
@@ -60,7 +60,7 @@ def main(argv):
 def _export():
     from absl import logging
 
-    from micik_tf import export as export_lib
+    from micik_tf import deployment as export_lib
 
     # TF's SavedModel writer logs "Assets written to ..." at INFO through absl.
     logging.set_verbosity(logging.WARNING)

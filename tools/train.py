@@ -31,13 +31,20 @@ def define_flags():
     flags.DEFINE_string("teacher_weights", "imagenet", "Weights for --teacher=app:<Name>.")
     # Compression.
     flags.DEFINE_float("ratio", 16.0, "Target compression ratio (parameters), > 1.")
-    flags.DEFINE_enum("mode", "micik", ["micik", "per_layer", "common_only"], "Compression mode.")
+    flags.DEFINE_enum("mode", "micik", ["micik", "per_layer", "common_only", "magnitude_pruning"],
+                      "Compression mode: MICIK, per-layer SVD, shared parts only, or the "
+                      "pruning baseline (the teacher magnitude-pruned during recovery to "
+                      "the nonzero parameter count --ratio gives).")
     flags.DEFINE_enum("share", "auto", ["auto", "input", "output"], "Shared side of the kernels.")
     flags.DEFINE_integer("min_rank", None, "Smallest total rank per compressed layer "
                          "(default: compress()'s, 8 capped at a sixteenth of the smaller "
                          "side). Lower it to reach ratios above 20x on small models.")
     flags.DEFINE_float("prune_sparsity", 0.0, "Magnitude-prune the MICIK factors to this "
                        "sparsity during recovery (tfmot's polynomial schedule; 0: off).")
+    flags.DEFINE_enum("quantize", "none", ["none", "fp16", "int8"], "Quantize the "
+                      "student for deployment: fp16 adds the float16 TFLite export; int8 "
+                      "trains the last 30% of recovery on int8-rounded weights (QAT, "
+                      "straight-through) and adds the full-integer TFLite export.")
     flags.DEFINE_integer("calibration_batches", 8, "Batches for the data-aware "
                          "initialisation and BatchNorm re-estimation (0: off).")
     # Losses.
@@ -104,7 +111,7 @@ def main(argv):
     keras.utils.set_random_seed(FLAGS.seed)
     if FLAGS.deterministic:
         tf.config.experimental.enable_op_determinism()
-    from micik_tf.export import FORMATS
+    from micik_tf.deployment import FORMATS
 
     unknown = set(FLAGS.export) - set(FORMATS)
     if unknown:
@@ -120,6 +127,7 @@ def main(argv):
         strategy=FLAGS.strategy, num_gpus=FLAGS.num_gpus, tpu=FLAGS.tpu,
         export=tuple(FLAGS.export), verbose=FLAGS.verbose,
         steps_per_epoch=FLAGS.steps_per_epoch, prune_sparsity=FLAGS.prune_sparsity,
+        quantize=FLAGS.quantize,
         recovery=RecoveryConfig(
             alpha=FLAGS.alpha, beta=FLAGS.beta, gamma=FLAGS.gamma,
             temperature=FLAGS.temperature, window=FLAGS.window, w_near=FLAGS.w_near,

@@ -109,7 +109,8 @@ def run_suite(ratios=None, seeds=3, smoke=False, epochs=DEFAULT_EPOCHS, output_d
                 for method in methods:
                     if method in ALIASES or (method, ratio, seed) in done:
                         continue
-                    row = _run_cell(base, state["teacher"]["path"], method, ratio, seed, scratch)
+                    row = _run_cell(base, state["teacher"]["path"], method, ratio, seed, scratch,
+                                    os.path.join(work, "students"))
                     state["rows"].append(row)
                     write_json(partial_path, state)
                     log(f"seed {seed} ratio {ratio:>5g} {method:<16} "
@@ -169,7 +170,7 @@ def _load_partial(path, options):
     return {"options": options, "teacher": None, "rows": []}
 
 
-def _run_cell(base, teacher_path, method, ratio, seed, scratch):
+def _run_cell(base, teacher_path, method, ratio, seed, scratch, cache):
     import keras
 
     from micik_tf import recovery_run
@@ -183,8 +184,19 @@ def _run_cell(base, teacher_path, method, ratio, seed, scratch):
     )
     keras.utils.set_random_seed(seed)
     row = {"method": method, "ratio": ratio, "seed": seed}
+    # compress() does not depend on the recovery seed or losses, so each
+    # (mode, ratio) is compressed once; recovery_run reloads a student_init.keras
+    # it finds in its model_dir.
+    cached = os.path.join(cache, f"{change['mode']}_{ratio:g}.keras")
+    init = os.path.join(model_dir, "student_init.keras")
+    if os.path.exists(cached):
+        os.makedirs(model_dir, exist_ok=True)
+        shutil.copyfile(cached, init)
     try:
         report = recovery_run.run(config)
+        if not os.path.exists(cached):
+            os.makedirs(cache, exist_ok=True)
+            shutil.copyfile(init, cached)
     except recovery_run.UsageError as error:
         return dict(row, achieved_ratio=None, params=None, accuracy_before_recovery=None,
                     accuracy=None, error=str(error), wall_seconds=None)

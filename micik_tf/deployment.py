@@ -1,6 +1,6 @@
-"""`export()`: a Keras model to deployment formats, each checked against it.
+"""`export()` (`micik_tf.export`): a Keras model to deployment formats, each checked against it.
 
-    results = micik_tf.export.export(
+    results = micik_tf.export(
         compressed, "exported/", representative_data=train_images,
         check_data=test_images, check_labels=test_labels)
 
@@ -509,7 +509,7 @@ def _measure(path, outputs, reference, labels, params):
     return {
         "path": path,
         "bytes": size,
-        "gzip_bytes": _gzip_size(path),
+        "gzip_bytes": gzip_size(path),
         "max_abs_error": float(np.max(np.abs(difference))) if difference.size else 0.0,
         "relative_error": float(np.linalg.norm(difference)) / norm if norm else float(
             np.linalg.norm(difference)
@@ -543,7 +543,9 @@ class _CountingSink(io.RawIOBase):
         return len(data)
 
 
-def _gzip_size(path):
+def gzip_size(path):
+    """Bytes of `path` under gzip -9 (a directory: of its tar), without
+    writing the compressed copy anywhere."""
     sink = _CountingSink()
     with gzip.GzipFile(fileobj=sink, mode="wb", compresslevel=9, mtime=0) as zipped:
         if os.path.isdir(path):

@@ -1,0 +1,132 @@
+"""The paper's headline beside what `compress()` does to the same networks.
+
+MICIK (Zhang et al., arXiv 1902.00918) reports 16x fewer parameters on VGG-16
+and 6x on GoogLeNet, on ImageNet, with no loss of accuracy. Here both
+ImageNet networks are compressed at those ratios (structure only: random
+weights, since neither ImageNet nor its pretrained weights can be reached
+from the build machine), and the suite prints what reproducing the accuracy
+takes: the command, and the compute it needs on GPUs.
+"""
+
+import time
+
+IMAGENET_TRAIN_IMAGES = 1_281_167
+# An assumption, not a measurement: sustained mixed-precision throughput of
+# one data-centre GPU (A100/H100 class) on convolutional training.
+ASSUMED_TFLOPS_PER_GPU = 30.0
+
+PAPER = (
+    {
+        "network": "VGG-16",
+        "paper_ratio": 16.0,
+        "paper_claim": "16x fewer parameters on ImageNet, no top-1/top-5 loss",
+        "flagfile": "flags/imagenet_vgg16.cfg",
+        "gpus": 8,
+    },
+    {
+        "network": "GoogLeNet",
+        "paper_ratio": 6.0,
+        "paper_claim": "6x fewer parameters on ImageNet, no top-1/top-5 loss",
+        "flagfile": "flags/imagenet_googlenet.cfg",
+        "gpus": 8,
+    },
+)
+
+
+def _build(network, smoke):
+    import keras
+
+    from micik_tf import models
+
+    if network == "VGG-16":
+        if smoke:
+            return models.cifar_vgg16((32, 32, 3), 10, dense=64, width=0.125)
+        return keras.applications.VGG16(weights=None)
+    if smoke:
+        return models.googlenet((32, 32, 3), 10)
+    return models.googlenet((224, 224, 3), 1000)
+
+
+def _flag(path, name, default=None):
+    import os
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    with open(os.path.join(root, path)) as f:
+        for line in f:
+            if line.startswith(f"--{name}="):
+                return line.strip().split("=", 1)[1]
+    return default
+
+
+def run_suite(smoke=False, log=print):
+    import keras
+
+    import micik_tf
+    from micik_tf.benchmarks import macs
+
+    rows = []
+    for entry in PAPER:
+        keras.utils.set_random_seed(0)
+        model = _build(entry["network"], smoke)
+        tic = time.perf_counter()
+        # The smoke models are too small for compress()'s default rank floor.
+        compressed = micik_tf.compress(model, ratio=entry["paper_ratio"], verbose=0,
+                                       min_rank=1 if smoke else None)
+        seconds = time.perf_counter() - tic
+        rep = micik_tf.report(compressed)
+        teacher_macs = macs.forward_macs(model)["total"]
+        student_macs = macs.forward_macs(compressed)["total"]
+        epochs = int(_flag(entry["flagfile"], "epochs", 20))
+        # Recovery per image: the teacher's forward pass, and the student's
+        # forward and backward passes (about three forwards). 2 FLOPs per MAC.
+        flops = 2 * (teacher_macs + 3 * student_macs) * IMAGENET_TRAIN_IMAGES * epochs
+        gpu_hours = flops / (ASSUMED_TFLOPS_PER_GPU * 1e12) / 3600
+        rows.append(dict(
+            entry,
+            params_before=rep.params_before, params_after=rep.params_after,
+            achieved_ratio=rep.ratio,
+            shared_bases=[{"name": g["name"], "members": len(g["members"]),
+                           "rank_common": g["rank_common"]} for g in rep.groups],
+            compress_seconds=seconds,
+            macs_before=teacher_macs, macs_after=student_macs,
+            recovery_epochs=epochs,
+            recovery_pflops=flops / 1e15,
+            gpu_hours_at_assumed_throughput=gpu_hours,
+            command=f"python tools/train.py --flagfile={entry['flagfile']} --data_dir=<tfds data dir>",
+        ))
+        log(f"{entry['network']}: {rep.params_before:,} -> {rep.params_after:,} "
+            f"({rep.ratio:.2f}x, paper {entry['paper_ratio']:g}x), MACs "
+            f"{teacher_macs / student_macs:.2f}x fewer, compress() {seconds:.1f}s")
+    return {
+        "note": ("Structure only: random weights (no ImageNet data or weights here), so no "
+                 "accuracy is measured. GPU hours assume a sustained "
+                 f"{ASSUMED_TFLOPS_PER_GPU:g} TFLOP/s per GPU."),
+        "assumed_tflops_per_gpu": ASSUMED_TFLOPS_PER_GPU,
+        "rows": rows,
+    }
+
+
+def markdown(result, command):
+    lines = [
+        f"# paper{' (smoke)' if result['smoke'] else ''}",
+        "",
+        f"Written {result['written']} by `{command}`. {result['note']}",
+        "",
+        "| network | paper | params before | params after | achieved | forward MACs | "
+        "compress() s | recovery compute |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in result["rows"]:
+        lines.append(
+            f"| {r['network']} | {r['paper_claim']} | {r['params_before']:,} | {r['params_after']:,} "
+            f"| {r['achieved_ratio']:.2f}x | {r['macs_before'] / r['macs_after']:.2f}x fewer "
+            f"| {r['compress_seconds']:.1f} | {r['recovery_pflops']:,.0f} PFLOP, "
+            f"~{r['gpu_hours_at_assumed_throughput']:,.1f} GPU-hours |"
+        )
+    lines += ["", "To reproduce the accuracy (ImageNet prepared for TFDS, GPUs, "
+              "`tensorflow[and-cuda]`; see BUILD_NOTES.md):", ""]
+    for r in result["rows"]:
+        lines.append(f"    {r['command']}   # {r['network']}: {r['recovery_epochs']} recovery "
+                     f"epochs on {r['gpus']} GPUs, ~{r['gpu_hours_at_assumed_throughput'] / r['gpus']:,.1f} h")
+    lines.append("")
+    return "\n".join(lines)
