@@ -41,6 +41,18 @@ def write_json(path, data):
     write_text(path, json.dumps(data, indent=2, default=_jsonable) + "\n")
 
 
+def write_figure(figure, path, dpi=100):
+    """Saves a matplotlib figure atomically (format from the extension) and
+    closes it, whether or not the save succeeds."""
+    from matplotlib import pyplot as plt
+
+    try:
+        with atomic_path(path) as tmp:
+            figure.savefig(tmp, dpi=dpi)
+    finally:
+        plt.close(figure)
+
+
 def _jsonable(value):
     if isinstance(value, (np.floating, np.integer)):
         return value.item()

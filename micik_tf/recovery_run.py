@@ -15,7 +15,7 @@ import tensorflow as tf
 import micik_tf
 from micik_tf import data as data_lib
 from micik_tf import distribute, models
-from micik_tf.atomic import atomic_path, write_json
+from micik_tf.atomic import atomic_path, write_figure, write_json
 from micik_tf.training import RecoveryConfig, RecoveryTrainer
 
 TEACHER_ARCHS = ("vgg_style", "vgg_style_small", "cifar_vgg16", "vgg16_half", "googlenet")
@@ -541,11 +541,7 @@ def plot_history(history, teacher_accuracy, path):
     right.set_ylabel("accuracy")
     right.legend()
     fig.tight_layout()
-    try:
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, dpi=100)
-    finally:
-        plt.close(fig)
+    write_figure(fig, path)
 
 
 def summary_table(report):
@@ -558,5 +554,9 @@ def summary_table(report):
         ("steps (resumed from)", f"{report['steps']} ({report['resumed_from_step']})"),
         ("wall time", f"{report['wall_seconds']:.1f} s"),
     ]
+    for fmt, result in report.get("exports", {}).items():
+        accuracy = result.get("accuracy")
+        rows.append((f"export {fmt}", f"{result['bytes']:,} bytes ({result['gzip_bytes']:,} gzip'd)"
+                     + ("" if accuracy is None else f", accuracy {accuracy:.4f}")))
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)

@@ -10,6 +10,7 @@ that the README matches the results files.
 
 import glob
 import os
+import re
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -26,7 +27,10 @@ def results_block(results_dir=os.path.join(ROOT, "benchmarks", "results")):
         with open(tables[name], encoding="utf-8") as f:
             text = f.read().strip()
         # Demote the table's own title one level below the README's section.
-        parts.append(text.replace(f"# {name}", f"### {name}", 1))
+        text = text.replace(f"# {name}", f"### {name}", 1)
+        # Plots sit beside the table: point the README's links at that folder.
+        folder = os.path.relpath(results_dir, ROOT).replace(os.sep, "/")
+        parts.append(re.sub(r"\]\(([^/()]+\.png)\)", rf"]({folder}/\1)", text))
     return "\n\n".join([BEGIN, *parts, END])
 
 

@@ -30,7 +30,8 @@ import statistics
 import tempfile
 import time
 
-from micik_tf.atomic import write_json
+from micik_tf.atomic import write_figure, write_json
+from micik_tf.benchmarks import digits_run
 
 METHODS = {
     "micik": dict(mode="micik"),
@@ -48,26 +49,12 @@ DEFAULT_RATIOS = (8.0, 16.0, 32.0, 64.0, 128.0)
 # Recovery epochs per run: what fits the whole suite (about 100 runs) into an
 # hour on 2 CPU cores.
 DEFAULT_EPOCHS = 12
-LEARNING_RATE = 2e-3
-BATCH = 64
-TEACHER_EPOCHS = 20
 
 
 def _base_config(smoke, epochs):
-    from micik_tf import recovery_run
-    from micik_tf.training import RecoveryConfig
-
-    return recovery_run.RunConfig(
-        model_dir="", dataset="digits", teacher="train",
-        teacher_arch="vgg_style_small" if smoke else "vgg16_half",
-        teacher_epochs=1 if smoke else TEACHER_EPOCHS,
-        # Ratios up to 128x on a 3.8M-parameter model need ranks below
-        # compress()'s default floor of 8.
-        min_rank=1, verbose=0, export=(),
-        steps_per_epoch=2 if smoke else None,
-        recovery=RecoveryConfig(epochs=1 if smoke else epochs, batch_size=BATCH,
-                                learning_rate=LEARNING_RATE, checkpoint_every=1_000_000),
-    )
+    # Ratios up to 128x on a 3.8M-parameter model need ranks below
+    # compress()'s default floor of 8.
+    return digits_run("vgg16_half", smoke, epochs, min_rank=1, export=())
 
 
 def run_suite(ratios=None, seeds=3, smoke=False, epochs=DEFAULT_EPOCHS, output_dir=".",
@@ -132,8 +119,8 @@ def run_suite(ratios=None, seeds=3, smoke=False, epochs=DEFAULT_EPOCHS, output_d
         "test_examples": 450,
         "epochs": base.recovery.epochs,
         "seeds": seeds,
-        "learning_rate": LEARNING_RATE,
-        "batch_size": BATCH,
+        "learning_rate": base.recovery.learning_rate,
+        "batch_size": base.recovery.batch_size,
         "methods": {m: METHODS.get(m) or {"same_run_as": ALIASES[m]} for m in methods},
         "rows": rows,
         "summary": summarize(rows, state["teacher"]["accuracy"]),
@@ -284,8 +271,6 @@ def plot(result, path):
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
 
-    from micik_tf.atomic import atomic_path
-
     fig, ax = plt.subplots(figsize=(8, 5))
     styles = {"micik": dict(linewidth=2.5, color="C3"), "per_layer_kd": dict(color="C0"),
               "per_layer_ft": dict(color="C0", linestyle=":"), "pruning": dict(color="C2")}
@@ -307,8 +292,4 @@ def plot(result, path):
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    try:
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, dpi=100)
-    finally:
-        plt.close(fig)
+    write_figure(fig, path)

@@ -23,6 +23,8 @@ import tempfile
 
 import numpy as np
 
+from micik_tf.benchmarks import digits_run
+
 TFLITE_FORMATS = ("tflite", "tflite_fp16", "tflite_int8_dynamic", "tflite_int8")
 PRUNE_SPARSITY = 0.5
 VARIANTS = (
@@ -37,18 +39,7 @@ TARGET_DROP_POINTS = 1.0
 
 
 def _base_config(ratio, smoke):
-    from micik_tf import recovery_run
-    from micik_tf.training import RecoveryConfig
-
-    return recovery_run.RunConfig(
-        model_dir="", dataset="digits", teacher="train",
-        teacher_arch="vgg_style_small" if smoke else "vgg_style",
-        teacher_epochs=1 if smoke else 20, ratio=ratio, verbose=0,
-        steps_per_epoch=2 if smoke else None, export=("keras",) + TFLITE_FORMATS,
-        min_rank=1 if smoke else None,
-        recovery=RecoveryConfig(epochs=1 if smoke else 30, batch_size=64,
-                                learning_rate=2e-3, checkpoint_every=1_000_000),
-    )
+    return digits_run("vgg_style", smoke, 30, ratio=ratio, export=("keras",) + TFLITE_FORMATS)
 
 
 def _arrays(ds, limit=None):
