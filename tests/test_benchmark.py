@@ -26,6 +26,8 @@ def _smoke(suite, tmp_path, *args):
         data = json.load(f)
     assert data["smoke"] is True
     assert (tmp_path / f"{suite}.md").read_text().startswith(f"# {suite} (smoke)")
+    assert (tmp_path / f"{suite}.png").stat().st_size > 10_000
+    assert data["command"].startswith(f"python tools/benchmark.py --suite={suite}")
     return data
 
 
@@ -49,7 +51,6 @@ def test_curve_smoke_every_method_at_equal_budget(tmp_path):
         assert set(row) >= {"method", "ratio", "seed", "params", "accuracy_before_recovery", "accuracy"}
         # The same number of stored parameters, within the allocator's 2%.
         assert abs(row["achieved_ratio"] / 3 - 1) <= 0.02, method
-    assert (tmp_path / "curve.png").stat().st_size > 10_000
     assert not (tmp_path / ".curve_work").exists()  # resumable state is removed at the end
     # The table and plot can be rebuilt from the JSON alone.
     (tmp_path / "curve.md").unlink()

@@ -1,5 +1,5 @@
 """Benchmarks of micik_tf, one suite per run: results as JSON, a markdown
-table and, for some, a plot, in --output_dir (benchmarks/results/).
+table and a plot (PNG), in --output_dir (benchmarks/results/).
 
 Suites (the code of each is in micik_tf/benchmarks/<suite>.py):
   curve           accuracy against compression ratio: MICIK vs per-layer SVD
@@ -34,7 +34,6 @@ from absl import app, flags, logging
 FLAGS = flags.FLAGS
 
 SUITES = ("compress_speed", "curve", "deploy", "cost", "paper")
-PLOTS = ("curve",)
 # Each suite's ratios when --ratios is not given.
 DEFAULT_RATIOS = {"compress_speed": ["4", "16"], "curve": ["8", "16", "32", "64", "128"],
                   "cost": ["16"], "paper": [], "deploy": ["16"]}
@@ -153,12 +152,14 @@ def _write_outputs(suite, result):
     os.makedirs(FLAGS.output_dir, exist_ok=True)
     json_path = os.path.join(FLAGS.output_dir, f"{suite}.json")
     md_path = os.path.join(FLAGS.output_dir, f"{suite}.md")
+    # The command that wrote the results travels with them, so the table
+    # (here and in the README) can be rebuilt from the JSON alone.
+    result.setdefault("command", _command(suite, result))
     write_text(json_path, json.dumps(result, indent=2) + "\n")
-    write_text(md_path, _library(suite).markdown(result, _command(suite, result)))
-    written = [json_path, md_path]
-    if suite in PLOTS:
-        written.append(os.path.join(FLAGS.output_dir, f"{suite}.png"))
-        _library(suite).plot(result, written[-1])
+    write_text(md_path, _library(suite).markdown(result, result["command"]))
+    png_path = os.path.join(FLAGS.output_dir, f"{suite}.png")
+    _library(suite).plot(result, png_path)
+    written = [json_path, md_path, png_path]
     return written
 
 

@@ -3,12 +3,14 @@
     python tools/update_readme.py
 
 Every figure in that section comes from a results file that a benchmark
-command wrote (`tools/benchmark.py --suite=...` writes `<suite>.json` and the
-`<suite>.md` table inlined here); nothing is typed in by hand. A test checks
-that the README matches the results files.
+command wrote: each `benchmarks/results/<suite>.json` is rendered by its
+suite's own `markdown()` (the same table as `<suite>.md`) and inlined here;
+nothing is typed in by hand. A test checks that the README matches the
+results files.
 """
 
 import glob
+import json
 import os
 import re
 import sys
@@ -20,16 +22,20 @@ ORDER = ("curve", "deploy", "cost", "paper", "compress_speed")
 
 
 def results_block(results_dir=os.path.join(ROOT, "benchmarks", "results")):
-    tables = {os.path.basename(p)[:-3]: p for p in glob.glob(os.path.join(results_dir, "*.md"))}
-    names = [n for n in ORDER if n in tables] + sorted(set(tables) - set(ORDER))
+    import importlib
+
+    files = {os.path.basename(p)[:-5]: p for p in glob.glob(os.path.join(results_dir, "*.json"))}
+    names = [n for n in ORDER if n in files] + sorted(set(files) - set(ORDER))
+    folder = os.path.relpath(results_dir, ROOT).replace(os.sep, "/")
     parts = []
     for name in names:
-        with open(tables[name], encoding="utf-8") as f:
-            text = f.read().strip()
+        with open(files[name], encoding="utf-8") as f:
+            result = json.load(f)
+        suite = importlib.import_module(f"micik_tf.benchmarks.{name}")
+        text = suite.markdown(result, result["command"]).strip()
         # Demote the table's own title one level below the README's section.
         text = text.replace(f"# {name}", f"### {name}", 1)
-        # Plots sit beside the table: point the README's links at that folder.
-        folder = os.path.relpath(results_dir, ROOT).replace(os.sep, "/")
+        # Plots sit beside the results: point the README's links at that folder.
         parts.append(re.sub(r"\]\(([^/()]+\.png)\)", rf"]({folder}/\1)", text))
     return "\n\n".join([BEGIN, *parts, END])
 
@@ -56,4 +62,5 @@ def main():
 
 
 if __name__ == "__main__":
+    sys.path.insert(0, ROOT)
     sys.exit(main())

@@ -186,3 +186,28 @@ def target(result, smoke, cpus_usable):
         met=(runs[0]["seconds"] <= TARGET["seconds"]
              if runs and not smoke and cpus_usable == TARGET["cpu_cores"] else None),
     )
+
+
+def plot(result, path):
+    """compress() seconds per ratio and mode, with the target line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    from micik_tf.atomic import write_figure
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ratios = sorted({r["target_ratio"] for r in result["runs"]})
+    for i, mode in enumerate(MODES):
+        runs = {r["target_ratio"]: r for r in result["runs"] if r["mode"] == mode}
+        bars = ax.bar([j + 0.4 * i for j in range(len(ratios))],
+                      [runs[r]["seconds"] if r in runs else 0 for r in ratios], 0.4, label=mode)
+        ax.bar_label(bars, fmt="%.1f s")
+    ax.axhline(TARGET["seconds"], color="k", linestyle="--", label="target at 16x")
+    ax.set_xticks([j + 0.2 for j in range(len(ratios))], [f"{r:g}x" for r in ratios])
+    ax.set_ylabel("compress() seconds")
+    ax.set_title(result["model"], fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    write_figure(fig, path)

@@ -141,3 +141,25 @@ def markdown(result, command):
         f"| {ratios['tflite_latency_speedup']:.2f}x faster |",
         "",
     ])
+
+
+def plot(result, path):
+    """How many times fewer parameters and MACs, and how much faster."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    from micik_tf.atomic import write_figure
+
+    labels = {"params_reduction": "parameters", "macs_reduction": "forward MACs",
+              "train_throughput_speedup": "train step", "tflite_latency_speedup": "TFLite latency"}
+    fig, ax = plt.subplots(figsize=(7, 4))
+    values = [result["speedups"][k] for k in labels]
+    bars = ax.bar(list(labels.values()), values, color=["C0", "C0", "C2", "C2"])
+    ax.bar_label(bars, fmt="%.2fx")
+    ax.axhline(1.0, color="k", linewidth=0.8)
+    ax.set_ylabel("original / compressed (higher is better)")
+    ax.set_title(result["pair"]["model"], fontsize=9)
+    fig.tight_layout()
+    write_figure(fig, path)

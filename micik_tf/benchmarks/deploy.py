@@ -179,3 +179,33 @@ def markdown(result, command):
             f"| {s['drop_points']:.2f} | {'yes' if s['meets_target'] else 'no'} |")
     lines.append("")
     return "\n".join(lines)
+
+
+def plot(result, path):
+    """Gzip'd size and accuracy of every format, teacher against students."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    from micik_tf.atomic import write_figure
+
+    models = list(dict.fromkeys(r["model"] for r in result["rows"]))
+    formats = list(dict.fromkeys(r["format"] for r in result["rows"]))
+    cell = {(r["model"], r["format"]): r for r in result["rows"]}
+    fig, (size_ax, acc_ax) = plt.subplots(1, 2, figsize=(12, 4.5))
+    width = 0.8 / len(models)
+    for i, model in enumerate(models):
+        xs = [f + i * width for f in range(len(formats))]
+        size_ax.bar(xs, [cell[(model, f)]["gzip_bytes"] for f in formats], width, label=model)
+        acc_ax.bar(xs, [cell[(model, f)]["accuracy"] or 0 for f in formats], width, label=model)
+    for ax in (size_ax, acc_ax):
+        ax.set_xticks([f + 0.4 - width / 2 for f in range(len(formats))], formats, rotation=20)
+    size_ax.set_yscale("log")
+    size_ax.set_ylabel("gzip'd bytes (log scale)")
+    acc_ax.set_ylabel("test accuracy")
+    acc_ax.set_ylim(max(0.0, min(r["accuracy"] or 0 for r in result["rows"]) - 0.05), 1.0)
+    size_ax.legend(fontsize=8)
+    fig.suptitle(f"{result['model']}: deployment files")
+    fig.tight_layout()
+    write_figure(fig, path)

@@ -130,3 +130,28 @@ def markdown(result, command):
                      f"epochs on {r['gpus']} GPUs, ~{r['gpu_hours_at_assumed_throughput'] / r['gpus']:,.1f} h")
     lines.append("")
     return "\n".join(lines)
+
+
+def plot(result, path):
+    """Parameters and forward MACs before and after, per network."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    from micik_tf.atomic import write_figure
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    names = [r["network"] for r in result["rows"]]
+    for ax, (before, after, label) in zip(axes, (("params_before", "params_after", "parameters"),
+                                                 ("macs_before", "macs_after", "forward MACs"))):
+        xs = range(len(names))
+        ax.bar([x - 0.2 for x in xs], [r[before] for r in result["rows"]], 0.4, label="original")
+        ax.bar([x + 0.2 for x in xs], [r[after] for r in result["rows"]], 0.4, label="MICIK")
+        ax.set_xticks(list(xs), names)
+        ax.set_yscale("log")
+        ax.set_ylabel(label)
+        ax.legend(fontsize=8)
+    fig.suptitle("The paper's ratios (VGG-16 16x, GoogLeNet 6x) on the ImageNet shapes")
+    fig.tight_layout()
+    write_figure(fig, path)
