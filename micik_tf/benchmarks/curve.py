@@ -229,6 +229,7 @@ def summarize(rows, teacher_accuracy):
 
 
 def markdown(result, command):
+    runs = [r for r in result["rows"] if "same_run_as" not in r]
     lines = [
         f"# curve{' (smoke)' if result['smoke'] else ''}",
         "",
@@ -236,7 +237,9 @@ def markdown(result, command):
         f"{result['teacher_accuracy']:.4f}. Every method gets the same parameter budget, "
         f"{result['epochs']} recovery epochs (Adam, cosine from {result['learning_rate']:g}, "
         f"batch {result['batch_size']}) and the same data order per seed; mean ± std over "
-        f"{len(result['seeds'])} seed(s). Written {result['written']} by `{command}`.",
+        f"{len(result['seeds'])} seed(s). The {len(runs)} runs took "
+        f"{sum(r['wall_seconds'] or 0 for r in runs) / 60:.0f} min in all on "
+        f"{result['machine']['cpu_count']} CPU cores. Written {result['written']} by `{command}`.",
         "",
         "![accuracy against compression ratio](curve.png)",
         "",
@@ -329,20 +332,25 @@ def plot(result, path):
     from matplotlib import pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 5))
+    ablation = dict(linestyle="--", alpha=0.7, linewidth=1)
     styles = {"micik": dict(linewidth=2.5, color="C3"), "per_layer_kd": dict(color="C0"),
-              "per_layer_ft": dict(color="C0", linestyle=":"), "pruning": dict(color="C2")}
+              "per_layer_ft": dict(color="C0", linestyle=":"), "pruning": dict(color="C2"),
+              "micik_no_sim": dict(ablation, color="C4"), "micik_no_kd": dict(ablation, color="C1"),
+              "micik_no_unique": dict(ablation, color="C5")}
     for method in METHOD_ORDER:
         if method in ALIASES:
             continue  # drawn under its source's line
         cells = [c for c in result["summary"] if c["method"] == method and c["seeds"]]
         if not cells:
             continue
-        style = styles.get(method, dict(linestyle="--", alpha=0.7, linewidth=1))
+        style = styles.get(method, ablation)
         ax.errorbar([c["ratio"] for c in cells], [c["accuracy_mean"] for c in cells],
                     yerr=[c["accuracy_std"] for c in cells], marker="o", capsize=3,
                     label=method, **style)
     ax.axhline(result["teacher_accuracy"], color="k", linestyle="--", label="teacher")
     ax.set_xscale("log", base=2)
+    ratios = sorted({c["ratio"] for c in result["summary"]})
+    ax.set_xticks(ratios, [f"{r:g}x" for r in ratios])
     ax.set_xlabel("compression ratio (parameters)")
     ax.set_ylabel("test accuracy after recovery")
     ax.set_title(f"{result['model']}: accuracy vs compression")

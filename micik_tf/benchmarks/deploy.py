@@ -156,15 +156,16 @@ def markdown(result, command):
         f"{result['ratio']:g}x; `_pruned` adds magnitude pruning of the factors to "
         f"{result['prune_sparsity']:.0%}; `_ptq` is post-training int8, `_qat` trains the last "
         f"30% of recovery on int8-rounded weights. Latency: median of batch-1 TFLite invokes, "
-        f"1 thread, interleaved with the teacher's file of the same format in one run. "
+        f"1 thread, interleaved with the teacher's file of the same format in one run (below 1: "
+        f"faster than the teacher). "
         f"Written {result['written']} by `{command}`.",
         "",
-        "| model | format | bytes | gzip bytes | accuracy | latency vs teacher |",
+        "| model | format | bytes | gzip bytes | accuracy | latency ÷ teacher's |",
         "|---|---|---:|---:|---:|---:|",
     ]
     for row in result["rows"]:
         acc = "-" if row["accuracy"] is None else f"{row['accuracy']:.4f}"
-        ratio = "-" if row["latency_ratio_vs_teacher"] is None else f"{row['latency_ratio_vs_teacher']:.2f}x"
+        ratio = "-" if row["latency_ratio_vs_teacher"] is None else f"{row['latency_ratio_vs_teacher']:.2f}"
         lines.append(f"| {row['model']} | {row['format']} | {row['bytes']:,} | {row['gzip_bytes']:,} "
                      f"| {acc} | {ratio} |")
     lines += ["", "Stacked pipeline (MICIK + pruning + int8), gzip'd `.tflite` against the "

@@ -81,6 +81,12 @@ def run_suite(smoke=False, log=print):
         # forward and backward passes (about three forwards). 2 FLOPs per MAC.
         flops = 2 * (teacher_macs + 3 * student_macs) * IMAGENET_TRAIN_IMAGES * epochs
         gpu_hours = flops / (ASSUMED_TFLOPS_PER_GPU * 1e12) / 3600
+        # A flagfile that trains its own teacher (no pretrained weights exist
+        # in Keras for GoogLeNet) also pays for that: forward and backward.
+        teacher_epochs = (int(_flag(entry["flagfile"], "teacher_epochs", 0))
+                          if _flag(entry["flagfile"], "teacher") == "train" else 0)
+        teacher_flops = 2 * 3 * teacher_macs * IMAGENET_TRAIN_IMAGES * teacher_epochs
+        teacher_gpu_hours = teacher_flops / (ASSUMED_TFLOPS_PER_GPU * 1e12) / 3600
         rows.append(dict(
             entry,
             params_before=rep.params_before, params_after=rep.params_after,
@@ -92,6 +98,8 @@ def run_suite(smoke=False, log=print):
             recovery_epochs=epochs,
             recovery_pflops=flops / 1e15,
             gpu_hours_at_assumed_throughput=gpu_hours,
+            teacher_training_epochs=teacher_epochs,
+            teacher_training_gpu_hours=teacher_gpu_hours,
             command=f"python tools/train.py --flagfile={entry['flagfile']} --data_dir=<tfds data dir>",
         ))
         log(f"{entry['network']}: {rep.params_before:,} -> {rep.params_after:,} "
@@ -126,8 +134,14 @@ def markdown(result, command):
     lines += ["", "To reproduce the accuracy (ImageNet prepared for TFDS, GPUs, "
               "`tensorflow[and-cuda]`; see BUILD_NOTES.md):", ""]
     for r in result["rows"]:
-        lines.append(f"    {r['command']}   # {r['network']}: {r['recovery_epochs']} recovery "
-                     f"epochs on {r['gpus']} GPUs, ~{r['gpu_hours_at_assumed_throughput'] / r['gpus']:,.1f} h")
+        teacher = ""
+        if r["teacher_training_epochs"]:
+            teacher = (f", after training the teacher for {r['teacher_training_epochs']} epochs "
+                       f"(~{r['teacher_training_gpu_hours'] / r['gpus']:,.1f} h more; pass a trained "
+                       "one with --teacher=<file.keras> to skip it)")
+        lines.append(f"    {r['command']}")
+        lines.append(f"    # {r['network']}: {r['recovery_epochs']} recovery epochs on {r['gpus']} "
+                     f"GPUs, ~{r['gpu_hours_at_assumed_throughput'] / r['gpus']:,.1f} h{teacher}")
     lines.append("")
     return "\n".join(lines)
 
