@@ -478,13 +478,16 @@ def _run_tflite(path, x):
         if allocated is None:
             interpreter.allocate_tensors()
             allocated = len(batch)
-        interpreter.set_tensor(source["index"], _quantize(batch, source))
+        interpreter.set_tensor(source["index"], quantize_input(batch, source))
         interpreter.invoke()
         outputs.append(_dequantize(interpreter.get_tensor(target["index"]), target))
     return np.concatenate(outputs)
 
 
-def _quantize(x, detail):
+def quantize_input(x, detail):
+    """`x` in the dtype of a TFLite input (`detail`: its entry in
+    `get_input_details()`): scaled, rounded and clipped for an integer input,
+    cast for a float one."""
     scale, zero_point = detail["quantization"]
     if np.issubdtype(detail["dtype"], np.integer) and scale:
         info = np.iinfo(detail["dtype"])

@@ -10,6 +10,8 @@ import time
 
 import numpy as np
 
+from micik_tf.deployment import quantize_input
+
 # Invocations per block, and blocks per model: interleaving the blocks spreads
 # machine noise over every model alike.
 BLOCK = 20
@@ -25,11 +27,7 @@ def _interpreter(path, sample, threads):
     if list(source["shape"]) != [1, *sample.shape]:
         interpreter.resize_tensor_input(source["index"], (1, *sample.shape))
     interpreter.allocate_tensors()
-    value = sample[None]
-    scale, zero_point = source["quantization"]
-    if np.issubdtype(source["dtype"], np.integer) and scale:
-        value = np.round(value / scale + zero_point)
-    interpreter.set_tensor(source["index"], value.astype(source["dtype"]))
+    interpreter.set_tensor(source["index"], quantize_input(sample[None], source))
     return interpreter
 
 
