@@ -2,24 +2,29 @@
 
     compressed = micik_tf.compress(model, ratio=8.0)
     print(micik_tf.report(compressed))
+    micik_tf.export(compressed, "exported/")
 
-Importing this package registers its layers with Keras serialization, so
+The package follows the pipeline: `compression` (compress, report), then
+`recovery` (losses, data, the training loop), then `deploy` (export,
+pruning, quantization); `job` runs the three as one recovery job
+(`tools/train.py`), and `layers` holds the Keras layers a compressed model is
+made of.
+
+Importing this package registers those layers with Keras serialization, so
 `keras.models.load_model("student.keras")` needs no `custom_objects`. It never
 imports tensorflow-model-optimization or tf_keras, so TensorFlow's Keras stays Keras 3.
 """
 
-from micik_tf.calibration import recalibrate_batchnorm
-from micik_tf.compress import DEFAULT_RATIO, compress
-from micik_tf.deployment import export
+from micik_tf.compression import DEFAULT_RATIO, Report, compress, recalibrate_batchnorm, report
+from micik_tf.deploy import export
 from micik_tf.layers import FactorizedConv2D, FactorizedDense, SharedBasis
-from micik_tf.losses import (
+from micik_tf.recovery.losses import (
     CrossLayerSimilarity,
     LayerInheritance,
     feature_model,
     linear_cka,
     logits_distillation,
 )
-from micik_tf.report import Report, report
 
 __version__ = "0.1.0"
 

@@ -1,4 +1,11 @@
-"""Reference architectures: the teachers of our demos and benchmarks."""
+"""Reference architectures: the teachers of our demos and benchmarks.
+
+`build(name, input_shape, num_classes, width=1.0)` makes any of them by name
+(`ARCHITECTURES`), at any width: `width` scales every layer's channels, which
+gives the same-size "thin student" baselines of the benchmarks. Layer names
+do not depend on the width, so a thin student's features line up with its
+teacher's by name.
+"""
 
 import keras
 
@@ -166,3 +173,58 @@ def googlenet(input_shape=(224, 224, 3), num_classes=1000, cifar_stem=None, name
     x = keras.layers.Dropout(0.4, name="dropout")(x)
     outputs = keras.layers.Dense(num_classes, name="logits")(x)
     return keras.Model(inputs, outputs, name=name)
+
+
+def _scaled(channels, width):
+    return max(1, int(round(channels * width)))
+
+
+def _vgg_style(input_shape, num_classes, width):
+    return vgg_style(input_shape, num_classes,
+                     widths=tuple(_scaled(c, width) for c in (64, 64, 128, 128, 256, 256)),
+                     dense=_scaled(256, width))
+
+
+def _vgg_style_small(input_shape, num_classes, width):
+    return vgg_style(input_shape, num_classes,
+                     widths=tuple(_scaled(c, width) for c in (16, 16, 32, 32)),
+                     dense=_scaled(32, width), name="vgg_style_small")
+
+
+def _cifar_vgg16(input_shape, num_classes, width):
+    return cifar_vgg16(input_shape, num_classes, dense=_scaled(512, width), width=width)
+
+
+def _vgg16_half(input_shape, num_classes, width):
+    return cifar_vgg16(input_shape, num_classes, dense=_scaled(256, width), width=0.5 * width,
+                       name="vgg16_half")
+
+
+def _googlenet(input_shape, num_classes, width):
+    if width != 1:
+        raise ValueError("googlenet is built at its published widths only (width=1).")
+    return googlenet(input_shape, num_classes)
+
+
+# Name -> `fn(input_shape, num_classes, width) -> keras.Model`.
+ARCHITECTURES = {
+    "vgg_style": _vgg_style,
+    "vgg_style_small": _vgg_style_small,
+    "cifar_vgg16": _cifar_vgg16,
+    "vgg16_half": _vgg16_half,
+    "googlenet": _googlenet,
+}
+
+
+def build(name, input_shape, num_classes, width=1.0):
+    """A reference architecture by name, with every layer's channels scaled by
+    `width` (1.0: the published widths).
+
+    Raises:
+        ValueError: for an unknown name, naming the known ones.
+    """
+    if name not in ARCHITECTURES:
+        raise ValueError(
+            f"Unknown architecture {name!r}: use one of {', '.join(ARCHITECTURES)}."
+        )
+    return ARCHITECTURES[name](tuple(input_shape), int(num_classes), float(width))

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from micik_tf import allocation as alloc
+from micik_tf.compression import allocation as alloc
 
 
 def _layer(name, m, n, errors, **kw):

@@ -39,7 +39,7 @@ def test_compress_speed_smoke(tmp_path):
 
 
 def test_curve_smoke_every_method_at_equal_budget(tmp_path):
-    from micik_tf.benchmarks import curve
+    from benchmarks import curve
 
     data = _smoke("curve", tmp_path, "--ratios=3", "--seeds=1")
     assert 0 <= data["teacher_accuracy"] <= 1

@@ -1,4 +1,4 @@
-"""Tests for `micik_tf.data`: every source offline, and the pipeline's contract."""
+"""Tests for `micik_tf.recovery.datasets` and `pipeline`: every source offline, and the pipeline's contract."""
 
 import os
 
@@ -7,7 +7,7 @@ import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from micik_tf import data
+from micik_tf.recovery import datasets, pipeline
 
 DIGITS_SIZE = 1797
 
@@ -34,7 +34,7 @@ def _check_examples(source, ds):
 
 @pytest.fixture(scope="module")
 def digits():
-    source = data.load("digits", seed=0)
+    source = datasets.load("digits", split_seed=0)
     return source, _examples(source.train), _examples(source.test)
 
 
@@ -54,16 +54,16 @@ def test_digits_shapes_range_and_classes(digits):
 
 def test_digits_split_is_deterministic_per_seed(digits):
     _, _, (test_images, test_labels) = digits
-    again = data.load("digits", seed=0)
+    again = datasets.load("digits", split_seed=0)
     images, labels = _examples(again.test)
     np.testing.assert_array_equal(images, test_images)
     np.testing.assert_array_equal(labels, test_labels)
-    other, _ = _examples(data.load("digits", seed=1).test)
+    other, _ = _examples(datasets.load("digits", split_seed=1).test)
     assert not np.array_equal(other, test_images)
 
 
 def test_digits_image_size_resizes():
-    source = data.load("digits", image_size=(16, 12))
+    source = datasets.load("digits", image_size=(16, 12))
     assert source.input_shape == (16, 12, 1)
     _check_examples(source, source.test.take(8))
 
@@ -82,7 +82,7 @@ def test_digits_image_size_resizes():
 )
 def test_tfds_mocked(tmp_path, name, image_size, input_shape):
     with tfds.testing.mock_data(num_examples=6):
-        source = data.load(name, data_dir=str(tmp_path), image_size=image_size)
+        source = datasets.load(name, data_dir=str(tmp_path), image_size=image_size)
         assert source.name == name.removeprefix("tfds:")
         assert source.num_classes == 10
         assert source.input_shape == input_shape
@@ -94,8 +94,8 @@ def test_tfds_mocked(tmp_path, name, image_size, input_shape):
 def test_tfds_variable_size_images_need_image_size(tmp_path):
     with tfds.testing.mock_data(num_examples=2):
         with pytest.raises(ValueError, match="vary in size.*image_size"):
-            data.load("imagenet2012", data_dir=str(tmp_path))
-        source = data.load("imagenet2012", data_dir=str(tmp_path), image_size=8)
+            datasets.load("imagenet2012", data_dir=str(tmp_path))
+        source = datasets.load("imagenet2012", data_dir=str(tmp_path), image_size=8)
         assert source.num_classes == 1000
         assert source.input_shape == (8, 8, 3)
         _check_examples(source, source.test)
@@ -107,22 +107,22 @@ def test_tfds_not_prepared_and_not_downloadable(tmp_path, monkeypatch):
 
     monkeypatch.setattr(tfds.core.DatasetBuilder, "download_and_prepare", no_network)
     with pytest.raises(ValueError, match="not prepared") as error:
-        data.load("mnist", data_dir=str(tmp_path))
+        datasets.load("mnist", data_dir=str(tmp_path))
     message = str(error.value)
     assert "'mnist'" in message and "tfds build" in message
     assert "Network is unreachable" in message
 
 
 def test_tfds_eval_split_choice():
-    assert data._pick_eval_split("cifar10", {"train": 1, "test": 1}) == "test"
-    assert data._pick_eval_split("imagenette", {"train": 1, "validation": 1}) == (
+    assert datasets._pick_eval_split("cifar10", {"train": 1, "test": 1}) == "test"
+    assert datasets._pick_eval_split("imagenette", {"train": 1, "validation": 1}) == (
         "validation"
     )
     # ImageNet's test split is unlabeled (label -1).
     splits = {"train": 1, "validation": 1, "test": 1}
-    assert data._pick_eval_split("imagenet2012", splits) == "validation"
+    assert datasets._pick_eval_split("imagenet2012", splits) == "validation"
     with pytest.raises(ValueError, match="no 'train' split"):
-        data._pick_eval_split("imagenet_v2", {"test": 1})
+        datasets._pick_eval_split("imagenet_v2", {"test": 1})
 
 
 # --- image folders ---------------------------------------------------------
@@ -156,7 +156,7 @@ def _image_ids(images, labels):
 def test_folder_split(tmp_path):
     folder = tmp_path / "shapes"
     _write_images(folder)
-    source = data.load(str(folder), image_size=8, validation_split=0.25)
+    source = datasets.load(str(folder), image_size=8, test_fraction=0.25)
     assert source.name == "shapes"
     assert source.num_classes == 3
     assert source.input_shape == (8, 8, 3)
@@ -172,16 +172,16 @@ def test_folder_split(tmp_path):
     )
     # Every pass yields the same order, and the split depends only on the seed.
     np.testing.assert_array_equal(_examples(source.train)[0], train_images)
-    again = data.load(f"folder:{folder}", image_size=8, validation_split=0.25)
+    again = datasets.load(f"folder:{folder}", image_size=8, test_fraction=0.25)
     np.testing.assert_array_equal(_examples(again.test)[0], test_images)
-    other = data.load(str(folder), image_size=8, validation_split=0.25, seed=1)
+    other = datasets.load(str(folder), image_size=8, test_fraction=0.25, split_seed=1)
     assert not np.array_equal(_examples(other.test)[0], test_images)
 
 
 def test_folder_train_test_layout(tmp_path):
     _write_images(tmp_path / "train", per_class=4)
     _write_images(tmp_path / "test", per_class=2)
-    source = data.load(f"folder:{tmp_path}")
+    source = datasets.load(f"folder:{tmp_path}")
     assert source.num_classes == 3
     assert source.input_shape == (32, 32, 3)  # the folder default size
     assert source.train_size == 12
@@ -207,18 +207,18 @@ def _epoch(ds):
 
 
 def test_pipeline_batches_and_keeps_eval_order():
-    ds = data.pipeline(_numbered(), batch_size=6, training=False)
+    ds = pipeline.pipeline(_numbered(), batch_size=6, training=False)
     shapes = [tuple(images.shape) for images, _ in ds]
     assert shapes == [(6, 4, 4, 1)] * 3 + [(2, 4, 4, 1)]
     np.testing.assert_array_equal(_epoch(ds), np.arange(20))
-    dropped = data.pipeline(_numbered(), 6, training=False, drop_remainder=True)
+    dropped = pipeline.pipeline(_numbered(), 6, training=False, drop_remainder=True)
     assert [int(labels.shape[0]) for _, labels in dropped] == [6, 6, 6]
 
 
 def test_pipeline_shuffle_is_deterministic_per_seed():
-    first = data.pipeline(_numbered(), 5, training=True, seed=3)
-    again = data.pipeline(_numbered(), 5, training=True, seed=3)
-    other = data.pipeline(_numbered(), 5, training=True, seed=4)
+    first = pipeline.pipeline(_numbered(), 5, training=True, seed=3)
+    again = pipeline.pipeline(_numbered(), 5, training=True, seed=3)
+    other = pipeline.pipeline(_numbered(), 5, training=True, seed=4)
     epoch_1, epoch_2 = _epoch(first), _epoch(first)
     np.testing.assert_array_equal(np.sort(epoch_1), np.arange(20))
     assert not np.array_equal(epoch_1, np.arange(20))
@@ -231,14 +231,14 @@ def test_pipeline_shuffle_is_deterministic_per_seed():
     "augment", [("flip",), ("crop",), ("shift",), ("flip", "crop")]
 )
 def test_pipeline_augments_training_only(augment):
-    source = data.load("digits")
+    source = datasets.load("digits")
     ds = source.train.take(64)
-    plain, _ = next(iter(data.pipeline(ds, 64, training=False)))
-    evaluated, _ = next(iter(data.pipeline(ds, 64, training=False, augment=augment)))
+    plain, _ = next(iter(pipeline.pipeline(ds, 64, training=False)))
+    evaluated, _ = next(iter(pipeline.pipeline(ds, 64, training=False, augment=augment)))
     np.testing.assert_array_equal(evaluated.numpy(), plain.numpy())
 
     def trained(seed):
-        return data.pipeline(ds, 64, training=True, seed=seed, augment=augment)
+        return pipeline.pipeline(ds, 64, training=True, seed=seed, augment=augment)
 
     images, labels = next(iter(trained(0)))
     assert images.shape == (64, 8, 8, 1) and images.dtype == tf.float32
@@ -247,16 +247,16 @@ def test_pipeline_augments_training_only(augment):
     np.testing.assert_array_equal(again.numpy(), images.numpy())
     # The same seed shuffles the same way with or without augmentation, so
     # the batches hold the same examples: only the pixels may differ.
-    unaugmented, same_labels = next(iter(data.pipeline(ds, 64, True, seed=0)))
+    unaugmented, same_labels = next(iter(pipeline.pipeline(ds, 64, True, seed=0)))
     np.testing.assert_array_equal(labels.numpy(), same_labels.numpy())
     assert not np.array_equal(images.numpy(), unaugmented.numpy())
 
 
 def test_pipeline_rejects_unknown_augmentation():
-    with pytest.raises(ValueError, match="'rotate'.*crop.*flip.*shift"):
-        data.pipeline(_numbered(), 4, training=True, augment=("flip", "rotate"))
+    with pytest.raises(ValueError, match="`augment`.*crop.*flip.*shift.*'rotate'"):
+        pipeline.pipeline(_numbered(), 4, training=True, augment=("flip", "rotate"))
     with pytest.raises(ValueError, match="batch_size"):
-        data.pipeline(_numbered(), 0, training=True)
+        pipeline.pipeline(_numbered(), 0, training=True)
 
 
 # --- errors ----------------------------------------------------------------
@@ -265,7 +265,7 @@ def test_pipeline_rejects_unknown_augmentation():
 @pytest.mark.parametrize("name", ["foo", "tfds:foo_not_a_dataset"])
 def test_unknown_dataset(name):
     with pytest.raises(ValueError, match="Unknown dataset") as error:
-        data.load(name)
+        datasets.load(name)
     message = str(error.value)
     assert name.removeprefix("tfds:") in message
     assert "digits" in message and "cifar10" in message
@@ -276,27 +276,27 @@ def test_unknown_dataset(name):
 def test_missing_folder(tmp_path, prefix):
     missing = tmp_path / "nowhere"
     with pytest.raises(ValueError, match="does not exist") as error:
-        data.load(prefix + str(missing))
+        datasets.load(prefix + str(missing))
     assert str(missing) in str(error.value)
 
 
 def test_empty_folder(tmp_path):
     with pytest.raises(ValueError, match="empty"):
-        data.load(str(tmp_path))
+        datasets.load(str(tmp_path))
     (tmp_path / "cat").mkdir()  # a class folder, but no images in it
     with pytest.raises(ValueError, match="has no images") as error:
-        data.load(f"folder:{tmp_path}")
+        datasets.load(f"folder:{tmp_path}")
     assert str(tmp_path) in str(error.value)
 
 
-@pytest.mark.parametrize("validation_split", [0.0, 1.0, None])
-def test_folder_invalid_validation_split(tmp_path, validation_split):
+@pytest.mark.parametrize("test_fraction", [0.0, 1.0, None])
+def test_folder_invalid_test_fraction(tmp_path, test_fraction):
     _write_images(tmp_path, per_class=2)
-    with pytest.raises(ValueError, match="validation_split"):
-        data.load(str(tmp_path), validation_split=validation_split)
+    with pytest.raises(ValueError, match="test_fraction"):
+        datasets.load(str(tmp_path), test_fraction=test_fraction)
 
 
 @pytest.mark.parametrize("image_size", [0, (8,), (8, -1), "big", 2.5])
 def test_invalid_image_size(image_size):
     with pytest.raises(ValueError, match="image_size"):
-        data.load("digits", image_size=image_size)
+        datasets.load("digits", image_size=image_size)

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from micik_tf import decomposition as dec
+from micik_tf.compression import decomposition as dec
 
 
 def _decaying(m, n, seed=0):

@@ -15,8 +15,9 @@ import tensorflow as tf
 from ai_edge_litert.interpreter import Interpreter
 
 import micik_tf
-from micik_tf import data, models
-from micik_tf.deployment import ARTIFACTS, FORMATS, export
+from micik_tf import models
+from micik_tf.recovery import datasets, pipeline
+from micik_tf.deploy import ARTIFACTS, FORMATS, export
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOOL = os.path.join(ROOT, "tools", "export.py")
@@ -32,19 +33,19 @@ def digits():
     """A digits CNN, compressed 3x (with a shared basis), briefly recovered,
     and exported to every format with the test split as check data."""
     keras.utils.set_random_seed(0)
-    source = data.load("digits")
+    source = datasets.load("digits")
     model = models.vgg_style((8, 8, 1), 10, widths=(16, 16, 32, 32), dense=32)
     model.compile(keras.optimizers.Adam(3e-3),
                   keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-    model.fit(data.pipeline(source.train, 64, training=True), epochs=3, verbose=0)
+    model.fit(pipeline.pipeline(source.train, 64, training=True), epochs=3, verbose=0)
     compressed = micik_tf.compress(
         model, ratio=3, verbose=0,
-        calibration_data=data.pipeline(source.train, 64, training=False),
+        calibration_data=pipeline.pipeline(source.train, 64, training=False),
     )
     # A short recovery, so that the int8 comparison is made on a good model.
     compressed.compile(keras.optimizers.Adam(1e-3),
                        keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-    compressed.fit(data.pipeline(source.train, 64, training=True), epochs=2, verbose=0)
+    compressed.fit(pipeline.pipeline(source.train, 64, training=True), epochs=2, verbose=0)
     train_x, _ = _arrays(source.train)
     test_x, test_y = _arrays(source.test)
     return compressed, train_x, test_x, test_y
@@ -139,6 +140,28 @@ def test_a_failure_midway_leaves_old_artifacts_and_no_temporaries(tmp_path):
                overwrite=True)
     assert os.listdir(tmp_path) == ["model.keras"]
     assert (tmp_path / "model.keras").read_bytes() == b"an earlier export"
+
+
+def test_a_failure_while_moving_into_place_restores_every_old_artifact(tmp_path, monkeypatch):
+    """All or nothing: the moves happen last, and if the second one fails the
+    first is undone, so the folder holds exactly the earlier export."""
+    (tmp_path / "model.keras").write_bytes(b"an earlier keras export")
+    (tmp_path / "model_float32.tflite").write_bytes(b"an earlier tflite export")
+    real_rename, moves = os.rename, []
+
+    def rename(source, target):
+        if os.path.basename(str(source)).startswith(".tmp-export-") and not str(source).endswith("-old"):
+            moves.append(target)
+            if len(moves) == 2:
+                raise OSError("disk full")
+        return real_rename(source, target)
+
+    monkeypatch.setattr(os, "rename", rename)
+    with pytest.raises(OSError, match="disk full"):
+        export(_small_model(), tmp_path, formats=["keras", "tflite"], overwrite=True)
+    assert sorted(os.listdir(tmp_path)) == ["model.keras", "model_float32.tflite"]
+    assert (tmp_path / "model.keras").read_bytes() == b"an earlier keras export"
+    assert (tmp_path / "model_float32.tflite").read_bytes() == b"an earlier tflite export"
 
 
 def test_int8_without_representative_data_writes_nothing(digits, tmp_path):
@@ -261,6 +284,25 @@ def test_tool_errors_are_one_line(case, tool_runs):
     lines = stderr.strip().splitlines()
     assert len(lines) == 1, stderr
     assert lines[0].startswith("export.py: error:") and ERROR_CASES[case] in lines[0]
+
+
+def test_tool_shows_a_native_crash(tmp_path):
+    """Nothing the tool's process writes to fd 2 is thrown away: a crash in
+    native code (here a segfault once TensorFlow is loaded) is reported."""
+    (tmp_path / "sitecustomize.py").write_text(
+        "import atexit, ctypes, faulthandler, sys\n"
+        "faulthandler.enable()\n"
+        "atexit.register(lambda: 'tensorflow' in sys.modules and ctypes.string_at(0))\n"
+    )
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=f"{tmp_path}{os.pathsep}{ROOT}")
+    result = subprocess.run(
+        [sys.executable, TOOL, f"--model={tmp_path / 'nope.keras'}",
+         f"--output_dir={tmp_path / 'out'}", "--formats=tflite"],
+        capture_output=True, text=True, env=env, cwd=ROOT, timeout=300,
+    )
+    assert result.returncode != 0
+    assert "Segmentation fault" in result.stderr, result.stderr[-2000:]
+    assert "crashed with signal SIGSEGV" in result.stderr
 
 
 def test_tool_refuses_a_zip_that_is_not_a_keras_archive(tmp_path):

@@ -1,4 +1,4 @@
-"""Tests for micik_tf.losses: CKA, the recovery losses, and their Distiller use."""
+"""Tests for micik_tf.recovery.losses: CKA, the recovery losses, and their Distiller use."""
 
 import numpy as np
 import pytest
@@ -7,7 +7,7 @@ import tensorflow as tf
 import keras
 
 from micik_tf.layers import FactorizedDense
-from micik_tf.losses import (
+from micik_tf.recovery.losses import (
     CrossLayerSimilarity,
     LayerInheritance,
     feature_model,

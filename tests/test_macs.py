@@ -3,7 +3,7 @@
 import keras
 
 import micik_tf
-from micik_tf.benchmarks.macs import forward_macs
+from micik_tf.deploy.macs import forward_macs
 
 
 def _model():

@@ -11,7 +11,7 @@ import keras
 import tensorflow as tf
 
 import micik_tf
-from micik_tf.pruning import (
+from micik_tf.deploy.pruning import (
     ConstantSparsity,
     MagnitudePruner,
     PolynomialDecay,
@@ -245,8 +245,8 @@ def test_mirrored_strategy_one_device():
 MIRRORED_SCRIPT = textwrap.dedent(
     """
     import numpy as np, keras, tensorflow as tf, micik_tf
-    from micik_tf import distribute
-    from micik_tf.pruning import ConstantSparsity, MagnitudePruner
+    from micik_tf.recovery import strategies as distribute
+    from micik_tf.deploy.pruning import ConstantSparsity, MagnitudePruner
     from tests.test_pruning import compressed_stack
     distribute.use_logical_cpus(2)
     strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])

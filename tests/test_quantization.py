@@ -7,7 +7,7 @@ import pytest
 import keras
 
 import micik_tf
-from micik_tf.quantization import WeightQuantizer, fake_quantize
+from micik_tf.deploy.quantization import WeightQuantizer, fake_quantize
 
 
 def test_fake_quantize_is_symmetric_per_output_channel():

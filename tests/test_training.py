@@ -32,30 +32,6 @@ def _run(args, extra_env=None, timeout=300):
     )
 
 
-@pytest.fixture(scope="module")
-def teacher_file(tmp_path_factory):
-    """A small digits teacher without BatchNorm (BatchNorm statistics are
-    per replica, which would make strategies differ by design)."""
-    from micik_tf import data
-
-    source = data.load("digits")
-    keras.utils.set_random_seed(0)
-    inputs = keras.Input((8, 8, 1))
-    x = keras.layers.Conv2D(16, 3, padding="same", activation="relu", name="conv1")(inputs)
-    x = keras.layers.Conv2D(16, 3, padding="same", activation="relu", name="conv2")(x)
-    x = keras.layers.MaxPooling2D()(x)
-    x = keras.layers.Conv2D(32, 3, padding="same", activation="relu", name="conv3")(x)
-    x = keras.layers.Conv2D(32, 3, padding="same", activation="relu", name="conv4")(x)
-    x = keras.layers.GlobalAveragePooling2D()(x)
-    x = keras.layers.Dense(32, activation="relu", name="fc1")(x)
-    model = keras.Model(inputs, keras.layers.Dense(10, name="logits")(x))
-    model.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-    model.fit(data.pipeline(source.train, 64, training=True), epochs=4, verbose=0)
-    path = tmp_path_factory.mktemp("teacher") / "teacher.keras"
-    model.save(path)
-    return str(path)
-
-
 def _tiny(model_dir, teacher, *extra):
     return [
         f"--model_dir={model_dir}", f"--teacher={teacher}", "--dataset=digits",
@@ -159,10 +135,10 @@ def _lambda_teacher(tmp_path):
     [
         ("unknown_dataset", "Unknown dataset"),
         ("missing_teacher", "no such file"),
-        ("corrupt_teacher", "cannot load it as a Keras 3 model"),
+        ("corrupt_teacher", "not a Keras 3 archive"),
         ("lambda_teacher", "safe_mode"),
         ("misspelled_flag", "Unknown command line flag 'ratoi'"),
-        ("other_run", "holds a different run"),
+        ("other_run", "holds a run with other settings"),
         ("unreachable_ratio", "largest reachable ratio"),
     ],
 )
@@ -218,13 +194,11 @@ def test_deployment_exports_recorded_in_report(tmp_path, teacher_file):
     assert exports["tflite"]["relative_error"] < 1e-4
     assert abs(exports["tflite_int8"]["accuracy"] - exports["tflite"]["accuracy"]) <= 0.01
     assert (model_dir / "export" / "model_float32.tflite").exists()
-    result = _run(_tiny(tmp_path / "bad", teacher_file, "--export=onnx"))
-    assert result.returncode == 2 and "unknown format" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_pruning_and_qat_during_recovery(tmp_path, teacher_file):
-    from micik_tf import pruning
-    from micik_tf.quantization import fake_quantize
+    from micik_tf.deploy import pruning
+    from micik_tf.deploy.quantization import fake_quantize
 
     model_dir = tmp_path / "pruned"
     result = _run(_tiny(model_dir, teacher_file, "--steps_per_epoch=6", "--prune_sparsity=0.6",

@@ -1,7 +1,7 @@
 """Benchmarks of micik_tf, one suite per run: results as JSON, a markdown
 table and a plot (PNG), in --output_dir (benchmarks/results/).
 
-Suites (the code of each is in micik_tf/benchmarks/<suite>.py):
+Suites (the code of each is in benchmarks/<suite>.py, outside the installed package):
   curve           accuracy against compression ratio: MICIK vs per-layer SVD
                   (same losses, or plain fine-tuning) vs magnitude pruning at
                   equal stored parameters, with ablations, 3 seeds; digits, a
@@ -27,6 +27,7 @@ import os
 import platform
 import shutil
 import subprocess
+import sys
 import time
 
 from absl import app, flags, logging
@@ -66,7 +67,7 @@ def _ratios_valid(values):
 
 
 def _library(suite):
-    return importlib.import_module(f"micik_tf.benchmarks.{suite}")
+    return importlib.import_module(f"benchmarks.{suite}")
 
 
 def _run(suite, ratios, smoke):
@@ -147,7 +148,7 @@ def _command(suite, result):
 
 def _write_outputs(suite, result):
     """Writes <suite>.json, <suite>.md and the suite's plot (if any)."""
-    from micik_tf.atomic import write_text
+    from micik_tf.files import write_text
 
     os.makedirs(FLAGS.output_dir, exist_ok=True)
     json_path = os.path.join(FLAGS.output_dir, f"{suite}.json")
@@ -203,5 +204,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    # The suites live in benchmarks/ beside tools/, outside the installed package.
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     define_flags()
     app.run(main)

@@ -3,7 +3,7 @@
     python tools/export.py --model=runs/digits/student.keras \
         --output_dir=runs/digits/export --representative_data=digits
 
-Writes one artifact per format (see micik_tf.deployment.ARTIFACTS), runs each on
+Writes one artifact per format (see micik_tf.deploy.ARTIFACTS), runs each on
 check data and compares it with the Keras model, prints a size table and
 writes <output_dir>/export_report.json. With --representative_data=digits the
 check data is the digits test split, so accuracies are reported too.
@@ -25,7 +25,7 @@ class UsageError(Exception):
 
 def define_flags():
     """All flags of this binary, defined once (TF official models style)."""
-    from micik_tf.deployment import DEFAULT_FORMATS, FORMATS
+    from micik_tf.deploy import DEFAULT_FORMATS, FORMATS
 
     flags.DEFINE_string("model", None, "A .keras file saved by Keras 3 (loaded with "
                         "safe_mode on, so files carrying code are refused).")
@@ -37,7 +37,7 @@ def define_flags():
                         "check data) or a .npy file of model inputs. Required for "
                         "tflite_int8.")
     flags.DEFINE_bool("overwrite", False, "Replace artifacts that already exist.")
-    flags.DEFINE_bool("debug", False, "Show full tracebacks and TensorFlow's native logs.")
+    flags.DEFINE_bool("debug", False, "Show full tracebacks.")
     flags.mark_flags_as_required(["model", "output_dir"])
 
 
@@ -49,18 +49,12 @@ def main(argv):
     except UsageError as error:
         print(f"{PROG}: error: {error}", file=sys.stderr)
         return 2
-    except Exception as error:  # a failure inside the export itself
-        if FLAGS.debug:
-            raise
-        print(f"{PROG}: error: exporting failed: {_first_line(error)} "
-              "(rerun with --debug for the traceback).", file=sys.stderr)
-        return 2
 
 
 def _export():
     from absl import logging
 
-    from micik_tf import deployment as export_lib
+    from micik_tf import deploy as export_lib
 
     # TF's SavedModel writer logs "Assets written to ..." at INFO through absl.
     logging.set_verbosity(logging.WARNING)
@@ -109,7 +103,7 @@ def _export():
     except (ValueError, FileExistsError) as error:
         if FLAGS.debug:
             raise
-        message = _first_line(error).replace("overwrite=True (--overwrite)", "--overwrite")
+        message = str(error).splitlines()[0].replace("overwrite=True (--overwrite)", "--overwrite")
         raise UsageError(message) from None
 
     report = {
@@ -120,7 +114,7 @@ def _export():
         "reference_accuracy": _accuracy(model, check_x, check_y),
         "formats": results,
     }
-    from micik_tf.atomic import write_json
+    from micik_tf.files import write_json
 
     write_json(report_path, report)
     print(_table(report))
@@ -135,11 +129,11 @@ def _load_data(spec):
     if not spec:
         return None, None, None
     if spec == "digits":
-        from micik_tf import data
+        from micik_tf.recovery import datasets, pipeline
 
-        source = data.load("digits")
-        train_x, _ = _arrays(source.train)
-        test_x, test_y = _arrays(source.test)
+        source = datasets.load("digits")
+        train_x, _ = pipeline.to_arrays(source.train)
+        test_x, test_y = pipeline.to_arrays(source.test)
         return train_x, test_x, test_y
     if not spec.endswith(".npy"):
         raise UsageError(f"--representative_data={spec}: give 'digits' or a .npy file "
@@ -149,58 +143,28 @@ def _load_data(spec):
     try:
         inputs = np.load(spec, allow_pickle=False)
     except Exception as error:
+        from micik_tf.errors import first_line
+
         raise UsageError(f"--representative_data={spec}: cannot read it as a .npy "
-                         f"array ({_first_line(error)}).") from None
+                         f"array ({first_line(error)}).") from None
     return inputs, None, None
 
 
-def _arrays(ds):
-    import numpy as np
-
-    x, y = next(iter(ds.batch(1 << 20)))
-    return np.asarray(x), np.asarray(y)
-
-
 def _load_model(path):
-    import zipfile
+    from micik_tf import files
 
-    import keras
-
-    import micik_tf  # noqa: F401  (registers the compressed layers for loading)
-
-    # Keras' own messages for a foreign file are misleading ("File not found"
-    # for a file that exists), so the two common cases are named here.
-    if not path.endswith(".h5"):
-        if not zipfile.is_zipfile(path):
-            raise UsageError(f"--model={path}: not a Keras 3 archive (a .keras file is a "
-                             "zip archive; this file is not). Give a .keras file saved "
-                             "by Keras 3 (model.save('model.keras')).")
-        with zipfile.ZipFile(path) as archive:
-            if "config.json" not in archive.namelist():
-                raise UsageError(f"--model={path}: a zip archive, but not a Keras 3 "
-                                 "model (it has no config.json). Give a .keras file "
-                                 "saved by Keras 3 (model.save('model.keras')).")
     try:
-        # safe_mode stays on: a .keras file can carry code (Lambda layers),
-        # and we never execute it silently.
-        return keras.models.load_model(path, safe_mode=True)
-    except Exception as error:
-        if "safe_mode" in str(error):
-            raise UsageError(f"--model={path}: the file carries code (e.g. a Lambda "
-                             "layer), which Keras' safe_mode refuses to run. Rebuild the "
-                             "model with registered layers.") from None
-        raise UsageError(f"--model={path}: cannot load it as a Keras 3 model "
-                         f"({_first_line(error)}). Give a .keras file saved by Keras 3 "
-                         "(model.save('model.keras')).") from None
+        return files.load_model(path, "--model")
+    except ValueError as error:
+        raise UsageError(str(error)) from None
 
 
 def _accuracy(model, x, y):
-    import numpy as np
+    from micik_tf.recovery.evaluation import top1
 
     if x is None or y is None:
         return None
-    logits = model.predict(x, batch_size=256, verbose=0)
-    return float(np.mean(np.argmax(logits, axis=-1) == y))
+    return top1(model.predict(x, batch_size=256, verbose=0), y)
 
 
 def _table(report):
@@ -220,32 +184,12 @@ def _table(report):
     return "\n".join(lines)
 
 
-def _first_line(error):
-    text = str(error).strip().splitlines()
-    return (text[0] if text else type(error).__name__)[:400]
-
-
-def _silence_native_logs():
-    """Sends TensorFlow's C++ logs (written to file descriptor 2, whatever
-    TF_CPP_MIN_LOG_LEVEL says) to /dev/null, keeping Python's stderr, so that
-    an error is the one line this tool prints. --debug keeps them."""
-    sys.stderr.flush()
-    python_stderr = os.dup(2)
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, 2)
-    os.close(devnull)
-    sys.stderr = os.fdopen(python_stderr, "w", buffering=1)
-    # absl's handler kept the old sys.stderr object (now writing to /dev/null).
-    from absl import logging
-
-    logging.get_absl_handler().python_handler.setStream(sys.stderr)
-
-
 if __name__ == "__main__":
-    # Flags are parsed only after TensorFlow is imported, so --debug is read
-    # from the command line here.
-    if not any(arg in ("--debug", "--debug=true", "--debug=1") for arg in sys.argv[1:]):
-        _silence_native_logs()
+    from native_logs import run_as_filtered_child
+
+    # TensorFlow's native start-up lines would bury the one-line error; they
+    # are filtered in a parent process, so that a crash still reports.
+    run_as_filtered_child(__file__, PROG)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     define_flags()
     app.run(lambda argv: sys.exit(main(argv)))

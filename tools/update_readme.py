@@ -31,7 +31,7 @@ def results_block(results_dir=os.path.join(ROOT, "benchmarks", "results")):
     for name in names:
         with open(files[name], encoding="utf-8") as f:
             result = json.load(f)
-        suite = importlib.import_module(f"micik_tf.benchmarks.{name}")
+        suite = importlib.import_module(f"benchmarks.{name}")
         text = suite.markdown(result, result["command"]).strip()
         # Demote the table's own title one level below the README's section.
         text = text.replace(f"# {name}", f"### {name}", 1)
@@ -54,7 +54,7 @@ def main():
         readme = f.read()
     updated = render(readme)
     if updated != readme:
-        from micik_tf.atomic import write_text
+        from micik_tf.files import write_text
 
         write_text(path, updated)
     print("README.md results section regenerated" if updated != readme else "README.md already up to date")

@@ -19,7 +19,7 @@ import numpy as np
 import keras
 from keras import ops
 
-from micik_tf.layers.validation import one_of, positive_int
+from micik_tf.validation import one_of, positive_int
 
 SHARED_SIDES = ("input", "output")
 

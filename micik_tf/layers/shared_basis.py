@@ -3,7 +3,7 @@
 import keras
 from keras import ops
 
-from micik_tf.layers.validation import positive_int
+from micik_tf.validation import positive_int
 
 
 @keras.saving.register_keras_serializable(package="micik_tf")

@@ -1,0 +1,395 @@
+"""`compress()`: a trained Keras model in, a new MICIK-compressed model out."""
+
+import math
+import sys
+import time
+
+import keras
+
+from micik_tf.compression import allocation as alloc
+from micik_tf.compression import calibration, decomposition, graph, planning
+from micik_tf.compression.grouping import (
+    SHARE_CHOICES,
+    find_sites,
+    group_sites,
+    resolve_names,
+    site_side,
+)
+from micik_tf.layers import FactorizedConv2D, FactorizedDense, SharedBasis
+from micik_tf.validation import float_above, one_of
+
+DEFAULT_RATIO = 4.0
+MODES = ("micik", "per_layer", "common_only")
+
+# Why compress() left a compressible layer whole. Only the progress log names
+# them: `report()` reads everything from the model, and a plain Dense/Conv2D
+# in a compressed model carries no record of which of these applied.
+KEPT_DENSE = "kept dense by the rank allocator: its full kernel fits the budget"
+EXCLUDED = "excluded by the user (`exclude`)"
+NOT_RANKED = "not listed in `ranks`"
+
+
+def compress(
+    model,
+    ratio=None,
+    *,
+    mode="micik",
+    share="auto",
+    groups=None,
+    exclude=None,
+    ranks=None,
+    calibration_data=None,
+    calibration_batches=8,
+    min_rank=None,
+    recalibrate_batchnorm=True,
+    verbose=1,
+    seed=0,
+):
+    """Compresses a Keras model with MICIK's shared + unique factorization.
+
+    Dense and Conv2D layers whose kernels share a dimension are grouped; each
+    group gets one shared basis (a `SharedBasis` layer) and each layer its
+    coefficients on it plus a small unique low-rank part. A global allocator
+    picks the ranks that reach `ratio` with the least relative error.
+
+    Args:
+        model: a built Keras 3 Sequential or Functional model (nested models
+            allowed). It is never modified.
+        ratio: target `params_before / params_after` for the whole model,
+            untouched layers and biases included; a float > 1. Defaults to
+            4.0, a ratio that a short recovery fine-tune usually brings back
+            to the teacher's accuracy; go higher with recovery training.
+        mode: `"micik"` (shared + unique parts), `"per_layer"` (the same
+            allocator with sharing off: per-layer SVD, the baseline) or
+            `"common_only"` (shared part only, an ablation).
+        share: which side of the kernel matrix a group shares: `"auto"` (the
+            larger side of each layer, usually the input side), `"input"`
+            or `"output"`.
+        groups: lists of layer names to put in one group (overrides the
+            automatic grouping for those layers).
+        exclude: layer names to leave uncompressed.
+        ranks: instead of `ratio`, explicit `{layer name: (rank_common,
+            rank_unique)}`; members of one group must agree on rank_common.
+            Layers not listed are left uncompressed.
+        calibration_data: optional inputs (`tf.data.Dataset` of `x` or
+            `(x, y)`, or an array). Enables the data-aware initialisation
+            (minimising the error on each layer's outputs) and re-estimates
+            BatchNorm statistics of the compressed model.
+        calibration_batches: how many batches of `calibration_data` to use.
+        min_rank: smallest total rank per compressed layer. Default: 8,
+            capped at a sixteenth of the layer's smaller side (at least 1).
+        recalibrate_batchnorm: re-estimate BatchNorm statistics on
+            `calibration_data` (when given).
+        verbose: 0 silences progress; 1 prints a line per group.
+        seed: seed of the randomized SVD.
+
+    Returns:
+        A new `keras.Model` (Functional). The names of compressed layers are
+        kept at their outputs. See `micik_tf.report()` for what was done.
+    """
+    _check_model(model)
+    mode = one_of("mode", mode, MODES)
+    share = one_of("share", share, SHARE_CHOICES)
+    if ranks is None:
+        ratio = _check_ratio(DEFAULT_RATIO if ratio is None else ratio)
+    elif ratio is not None:
+        raise ValueError(
+            "Give either `ratio` (the allocator picks the ranks) or `ranks` "
+            f"(explicit ranks), not both. Received: ratio={ratio!r}, ranks=..."
+        )
+    log = _Progress(verbose)
+    start = time.perf_counter()
+
+    sites, untouched = find_sites(model)
+    if not sites:
+        raise ValueError(
+            f"Model '{model.name}' has no compressible layers: compress() "
+            "factorizes Dense and Conv2D (channels_last, groups=1) layers. "
+            "Untouched: " + _format_untouched(untouched)
+        )
+    excluded = {s.name for s in resolve_names(_names(exclude, "exclude"), sites, "exclude")}
+    forced = [resolve_names(_names(g, "groups"), sites, "groups") for g in (groups or [])]
+    for members in forced:
+        clash = [s.name for s in members if s.name in excluded]
+        if clash:
+            raise ValueError(f"Layers {clash} are both in `groups` and in `exclude`.")
+    if forced and mode == "per_layer":
+        raise ValueError(
+            "`groups` asks for shared bases, but mode='per_layer' turns sharing "
+            "off. Use mode='micik' with `groups`, or drop `groups`."
+        )
+    if ranks is not None:
+        ranked = {s.name for s in resolve_names(list(ranks), sites, "ranks")}
+    for s in sites:
+        if s.name in excluded:
+            untouched[s.name] = EXCLUDED
+        elif ranks is not None and s.name not in ranked:
+            untouched[s.name] = NOT_RANKED
+    sites = [s for s in sites if s.name not in untouched]
+    if not sites:
+        raise ValueError(
+            "No layer is left to compress once `exclude`/`ranks` are applied. "
+            "Exclude fewer layers."
+        )
+    if mode == "per_layer":
+        grouped = [(site_side(s, share), [s]) for s in sites]
+    else:
+        grouped = group_sites(sites, share, forced)
+
+    params_before = int(model.count_params())
+    fixed = params_before - sum(s.m * s.n for s in sites)
+    covariances = {}
+    if calibration_data is not None:
+        log(f"calibrating {len(sites)} layers on up to {calibration_batches} batches")
+        covariances = calibration.collect_covariances(
+            model, sites, calibration_data, max_batches=calibration_batches, seed=seed
+        )
+
+    kernels = {s.name: decomposition.kernel_matrix(s.kernel()) for s in sites}
+    # Whitening metrics per group (an eigendecomposition each): computed once,
+    # used by the error curves and by the final factorization.
+    metrics = [planning.group_metrics(side, m, covariances) for side, m in grouped]
+    if ranks is not None:
+        plan = planning.explicit(grouped, _check_ranks(ranks, sites))
+    else:
+        budget = params_before / ratio - fixed
+        try:
+            plan = planning.allocate(
+                grouped, kernels, metrics, budget, mode, min_rank, seed, log
+            )
+        except planning.Infeasible as error:
+            reachable = params_before / (fixed + error.floor)
+            raise ValueError(
+                f"ratio={ratio:g} cannot be reached: {fixed:,} of the model's "
+                f"{params_before:,} parameters are in untouched layers and "
+                f"biases, and the compressed layers need at least "
+                f"{error.floor:,} at their minimum ranks. The largest reachable "
+                f"ratio is {math.floor(reachable * 100) / 100:.2f}. Lower "
+                "`ratio`, compress more layers (fewer `exclude`), or lower "
+                "`min_rank`."
+            ) from None
+
+    new_model, reasons = _build(
+        model, grouped, plan, kernels, metrics, untouched, seed
+    )
+    if calibration_data is not None and recalibrate_batchnorm:
+        calibration.recalibrate_batchnorm(new_model, calibration_data, calibration_batches)
+    kept = [f"{name} ({why})" for name, why in reasons.items()
+            if why in (KEPT_DENSE, EXCLUDED, NOT_RANKED)]
+    if kept:
+        log("left whole: " + "; ".join(kept))
+    params_after = int(new_model.count_params())
+    log(
+        f"done in {time.perf_counter() - start:.1f}s: {params_before:,} -> "
+        f"{params_after:,} parameters ({params_before / params_after:.2f}x)"
+    )
+    return new_model
+
+
+# --- input checks -----------------------------------------------------------
+
+
+def _check_model(model):
+    if not isinstance(model, keras.Model):
+        module = type(model).__module__ or ""
+        if module.startswith(("tf_keras", "keras.src.engine", "tensorflow.python.keras")) or (
+            module.startswith("keras") and not module.startswith("keras.src")
+        ):
+            raise TypeError(
+                f"compress() takes a Keras 3 model; received a tf_keras (Keras 2) "
+                f"model ({type(model).__name__}). Save it with "
+                "`model.save('model.h5')` and load it with Keras 3 "
+                "(`keras.models.load_model`), or rebuild it with `import keras`."
+            )
+        raise TypeError(
+            "compress() takes a keras.Model (Keras 3, Sequential or "
+            f"Functional). Received: {type(model).__name__}"
+        )
+    graph.check_graph_model(model)
+    if not model.built or not _has_inputs(model):
+        raise ValueError(
+            f"Model '{model.name}' is not built: its input shape is unknown. "
+            "Build it first, e.g. start a Sequential with "
+            "`keras.Input(shape=...)` or call `model.build(input_shape)`."
+        )
+
+
+def _has_inputs(model):
+    try:
+        return bool(model.inputs)
+    except (AttributeError, ValueError):
+        return False
+
+
+def _check_ratio(ratio):
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)):
+        raise TypeError(
+            "`ratio` must be a number > 1 (params_before / params_after). "
+            f"Received: ratio={ratio!r}"
+        )
+    return float_above("ratio", ratio, 1)
+
+
+def _names(value, argument):
+    if value is None:
+        return []
+    if isinstance(value, str):
+        raise TypeError(
+            f"`{argument}` takes a list of layer names, not a single string. "
+            f"Received: {argument}={value!r}; did you mean [{value!r}]?"
+        )
+    return list(value)
+
+
+def _check_ranks(ranks, sites):
+    """`{site name: (r_c, r_u)}` from the user's `ranks`, validated."""
+    if not isinstance(ranks, dict):
+        raise TypeError(
+            "`ranks` must be a dict {layer name: (rank_common, rank_unique)}. "
+            f"Received: {type(ranks).__name__}"
+        )
+    out = {}
+    for key, value in ranks.items():
+        site = resolve_names([key], sites, "ranks")[0]
+        try:
+            rc, ru = (int(v) for v in value)
+        except (TypeError, ValueError):
+            raise ValueError(
+                f"`ranks['{key}']` must be a pair (rank_common, rank_unique). "
+                f"Received: {value!r}"
+            ) from None
+        if rc < 0 or ru < 0 or rc + ru == 0:
+            raise ValueError(
+                f"`ranks['{key}']` needs non-negative ranks, not both 0. "
+                f"Received: {value!r}"
+            )
+        out[site.name] = (rc, ru)
+    return out
+
+
+def _format_untouched(untouched):
+    return "; ".join(f"{k} ({v})" for k, v in untouched.items()) or "none"
+
+
+# --- planning -----------------------------------------------------------------
+
+
+class _Progress:
+    def __init__(self, verbose):
+        self.verbose = verbose
+
+    def __call__(self, message):
+        if self.verbose:
+            print(f"[micik] {message}", file=sys.stdout, flush=True)
+
+
+# --- building -----------------------------------------------------------------
+
+
+def _build(model, grouped, plan, kernels, metrics, untouched, seed):
+    """Factorizes the kernels as planned and rebuilds the model around them."""
+    wrappers, basis_layers, basis_values, values = {}, {}, {}, {}
+    reasons = dict(untouched)
+    for (side, members), name, (layer_metrics, group_metric) in zip(
+        grouped, plan.group_names, metrics
+    ):
+        rc = plan.rank_common[name]
+        mats = [kernels[s.name] for s in members]
+        basis = None
+        users = [
+            i for i, s in enumerate(members)
+            if plan.layers[s.name] != alloc.DENSE and plan.layers[s.name][0]
+        ]
+        if rc:
+            full = plan.bases.get(name)
+            if full is None or len(users) < len(members):
+                # Members that opted out must not pull the basis their way.
+                metric = group_metric
+                if isinstance(metric, list):
+                    metric = [metric[i] for i in users]
+                elif metric is not None:
+                    metric = decomposition.InputMetric.pooled(
+                        [layer_metrics[i].covariance for i in users]
+                    )
+                full = decomposition.shared_basis(
+                    [mats[i] for i in users], rc, side, metric, seed
+                )
+            basis = planning.slice_basis(full, rc, side)
+            first = members[0].layer
+            layer = SharedBasis(
+                basis.shape[0], basis.shape[1], name=name, dtype=first.dtype_policy
+            )
+            basis_layers[name] = layer
+            basis_values[name] = basis
+        for s, w, metric in zip(members, mats, layer_metrics):
+            choice = plan.layers[s.name]
+            if choice == alloc.DENSE:
+                reasons[s.name] = KEPT_DENSE
+                continue
+            layer_rc, ru = choice
+            factors = decomposition.factorize(
+                w, ru, basis if layer_rc else None, side, metric, seed
+            )
+            wrappers[s.name] = _make_wrapper(
+                s, layer_rc, ru, side, name if layer_rc else None,
+                decomposition.relative_error(w, factors.approximation),
+            )
+            values[s.name] = (factors, s.layer)
+
+    copies = []
+
+    def make_layer(layer, path):
+        key = "/".join(path)
+        if key in wrappers:
+            return wrappers[key]
+        new = graph.clone_layer(layer)
+        copies.append((layer, new))
+        return new
+
+    def call_layer(layer, path, args, kwargs):
+        if isinstance(layer, (FactorizedDense, FactorizedConv2D)) and layer.rank_common:
+            basis = basis_layers[layer.group](args[0])
+            return layer([args[0], basis], **kwargs)
+        return layer(*args, **kwargs)
+
+    new_model = graph.rebuild(model, make_layer, call_layer)
+    for old, new in copies:
+        new.set_weights(old.get_weights())
+    for name, layer in basis_layers.items():
+        layer.basis.assign(basis_values[name])
+    for key, (factors, original) in values.items():
+        wrapper = wrappers[key]
+        if factors.coefficients is not None:
+            wrapper.coefficients.assign(factors.coefficients)
+        if factors.unique_left is not None:
+            wrapper.unique_left.assign(factors.unique_left)
+            wrapper.unique_right.assign(factors.unique_right)
+        if wrapper.use_bias:
+            wrapper.bias.assign(original.bias)
+    return new_model, reasons
+
+
+def _make_wrapper(site, rank_common, rank_unique, side, group, error):
+    layer = site.layer
+    common = dict(
+        rank_common=rank_common,
+        rank_unique=rank_unique,
+        shared_side=side,
+        activation=layer.activation,
+        use_bias=layer.use_bias,
+        group=group,
+        relative_error=error,
+        name=layer.name,
+        dtype=layer.dtype_policy,
+        trainable=layer.trainable,
+    )
+    if site.kind == "dense":
+        return FactorizedDense(layer.units, **common)
+    return FactorizedConv2D(
+        layer.filters,
+        layer.kernel_size,
+        strides=layer.strides,
+        padding=layer.padding,
+        dilation_rate=layer.dilation_rate,
+        **common,
+    )

@@ -1,0 +1,251 @@
+"""Finding the layers MICIK can compress, and grouping them by compatibility.
+
+A *site* is a Dense or Conv2D layer whose kernel can be written as a matrix
+and replaced by a factorized wrapper. Two sites may share a basis only when
+the computation stays valid: for Conv2D on the input side that means the same
+kernel size, `C_in`, strides, padding and dilation (MICIK.md section 1); on
+the output side the same `C_out` (the shared factor is the 1x1 stage). Groups
+never cross nested-model boundaries, because a layer shared between two
+sibling sub-models would be stored twice by `.keras` saving.
+"""
+
+import dataclasses
+import difflib
+
+import numpy as np
+
+import keras
+
+SHARE_CHOICES = ("auto", "input", "output")
+
+
+@dataclasses.dataclass
+class Site:
+    """One compressible layer of the model (or of a nested model)."""
+
+    layer: keras.layers.Layer
+    path: tuple  # names of the enclosing nested models, then the layer's name
+    kind: str  # "dense" or "conv2d"
+    m: int
+    n: int
+
+    @property
+    def name(self):
+        return "/".join(self.path)
+
+    @property
+    def owner(self):
+        return self.path[:-1]
+
+    def signature(self, side):
+        """What two sites must have in common to share a basis on `side`."""
+        layer = self.layer
+        if side == "output":
+            return (self.owner, self.kind, "output", self.n)
+        if self.kind == "dense":
+            return (self.owner, "dense", "input", self.m)
+        return (
+            self.owner,
+            "conv2d",
+            "input",
+            tuple(layer.kernel_size),
+            int(layer.kernel.shape[2]),
+            tuple(layer.strides),
+            layer.padding,
+            tuple(layer.dilation_rate),
+        )
+
+    def describe(self, side):
+        if side == "output":
+            return f"{self.kind} with {self.n} outputs"
+        if self.kind == "dense":
+            return f"Dense with {self.m} inputs"
+        layer = self.layer
+        return (
+            f"Conv2D {layer.kernel_size[0]}x{layer.kernel_size[1]}, "
+            f"C_in={layer.kernel.shape[2]}, strides={tuple(layer.strides)}, "
+            f"padding={layer.padding!r}, dilation={tuple(layer.dilation_rate)}"
+        )
+
+    def kernel(self):
+        return np.asarray(keras.ops.convert_to_numpy(self.layer.kernel))
+
+    def bias_params(self):
+        return int(self.layer.bias.shape[0]) if self.layer.use_bias else 0
+
+
+def is_graph_model(model):
+    """Sequential and Functional models: the kinds whose layer graph we rebuild.
+
+    `keras.Function` is the public base of Functional models (including
+    `keras.applications` models); subclassed models only have Python code.
+    """
+    return isinstance(model, keras.Sequential) or (
+        isinstance(model, keras.Model) and isinstance(model, keras.Function)
+    )
+
+
+def is_container(layer):
+    """Nested Sequential / Functional models, which compress() recurses into."""
+    return isinstance(layer, keras.Model) and is_graph_model(layer)
+
+
+def untouched_reason(layer):
+    """Why a layer with weights is not a site, or None if it is one."""
+    if type(layer) is keras.layers.Dense:
+        if getattr(layer, "lora_enabled", False):
+            return "Dense with LoRA enabled: merge the LoRA weights first"
+        if getattr(layer, "quantization_mode", None):
+            return "quantized Dense: compress before quantizing"
+        return None
+    if type(layer) is keras.layers.Conv2D:
+        if layer.groups != 1:
+            return "grouped Conv2D (groups > 1): its kernel is block-diagonal"
+        if layer.data_format != "channels_last":
+            return "Conv2D with channels_first data: use channels_last"
+        if getattr(layer, "lora_enabled", False):
+            return "Conv2D with LoRA enabled: merge the LoRA weights first"
+        return None
+    name = type(layer).__name__
+    if isinstance(layer, (keras.layers.DepthwiseConv2D,)):
+        return f"{name}: a depthwise kernel has no matrix dimension to share"
+    if isinstance(layer, (keras.layers.BatchNormalization, keras.layers.LayerNormalization)):
+        return f"{name}: per-channel parameters, nothing to factorize"
+    if isinstance(layer, (keras.layers.Dense, keras.layers.Conv2D)):
+        return f"{name}: a subclass of Dense/Conv2D, whose custom call is kept as it is"
+    return f"{name}: not a Dense or Conv2D layer"
+
+
+def walk(model):
+    """Yields `(layer, path)` for every distinct leaf layer, recursing into
+    nested models.
+
+    `path` is the names of the enclosing nested models, then the layer's
+    name. A layer called at several places of a graph is yielded once, at the
+    first: it is one set of weights.
+    """
+    seen = set()
+
+    def leaves(container, path):
+        for layer in container.layers:
+            if isinstance(layer, keras.layers.InputLayer) or id(layer) in seen:
+                continue
+            seen.add(id(layer))
+            if is_container(layer):
+                yield from leaves(layer, path + (layer.name,))
+            else:
+                yield layer, path + (layer.name,)
+
+    yield from leaves(model, ())
+
+
+def find_sites(model):
+    """Splits the model's leaf layers into sites and untouched layers.
+
+    Returns:
+        `(sites, untouched)`: a list of `Site`s, and `{path name: reason}` for
+        every other layer that holds weights.
+    """
+    sites, untouched = [], {}
+    for layer, path in walk(model):
+        name = "/".join(path)
+        reason = untouched_reason(layer)
+        if reason is None:
+            kernel_shape = tuple(layer.kernel.shape)
+            kind = "dense" if isinstance(layer, keras.layers.Dense) else "conv2d"
+            m = int(np.prod(kernel_shape[:-1]))
+            sites.append(Site(layer, path, kind, m, int(kernel_shape[-1])))
+        elif layer.weights:
+            untouched[name] = reason
+    return sites, untouched
+
+
+def resolve_names(names, sites, argument):
+    """Maps user-given layer names (plain or `outer/inner`) to sites."""
+    by_path = {s.name: s for s in sites}
+    by_plain = {}
+    for s in sites:
+        by_plain.setdefault(s.path[-1], []).append(s)
+    resolved, unknown = [], []
+    for name in names:
+        if not isinstance(name, str):
+            raise TypeError(
+                f"`{argument}` takes layer names (str). Received: {name!r}"
+            )
+        if name in by_path:
+            resolved.append(by_path[name])
+        elif len(by_plain.get(name, [])) == 1:
+            resolved.append(by_plain[name][0])
+        elif len(by_plain.get(name, [])) > 1:
+            options = ", ".join(s.name for s in by_plain[name])
+            raise ValueError(
+                f"`{argument}` names '{name}', which several nested models "
+                f"contain. Use the full path: one of {options}."
+            )
+        else:
+            unknown.append(name)
+    if unknown:
+        known = sorted(by_path) + sorted(by_plain)
+        hints = []
+        for name in unknown:
+            close = difflib.get_close_matches(name, known, n=1)
+            hints.append(f"'{name}'" + (f" (did you mean '{close[0]}'?)" if close else ""))
+        raise ValueError(
+            f"Unknown layer names in `{argument}`: {', '.join(hints)}. Only "
+            f"Dense and Conv2D layers can be named; compressible layers are: "
+            f"{', '.join(sorted(by_path)) or 'none'}."
+        )
+    return resolved
+
+
+def site_side(site, share):
+    """The side a site shares on: `share`, or its larger side for "auto"."""
+    if share != "auto":
+        return share
+    return "input" if site.m >= site.n else "output"
+
+
+def group_sites(sites, share="auto", forced=()):
+    """Groups sites whose kernels can share a basis.
+
+    Args:
+        sites: the `Site`s to group.
+        share: `"auto"` (each layer's larger side), `"input"` or `"output"`.
+        forced: lists of sites that the user put in one group; they are
+            checked for compatibility and kept out of the automatic groups.
+
+    Returns:
+        A list of `(side, [Site, ...])`, in model order.
+    """
+    groups, taken = [], set()
+    for members in forced:
+        side = site_side(members[0], share)
+        signatures = {s.signature(side) for s in members}
+        if len(signatures) > 1:
+            detail = "; ".join(f"{s.name}: {s.describe(side)}" for s in members)
+            raise ValueError(
+                "Layers in one group must have the same "
+                + (
+                    "kernel size, C_in, strides, padding and dilation (Conv2D) "
+                    "or input size (Dense), and live in the same (nested) model"
+                    if side == "input"
+                    else "output size and layer type, and live in the same model"
+                )
+                + f" to share a basis. Received: {detail}. Split the group or "
+                "remove the incompatible layers."
+            )
+        for s in members:
+            if s.name in taken:
+                raise ValueError(f"Layer '{s.name}' appears in two `groups`.")
+            taken.add(s.name)
+        groups.append((side, list(members)))
+    buckets = {}
+    for s in sites:
+        if s.name in taken:
+            continue
+        side = site_side(s, share)
+        buckets.setdefault(s.signature(side), (side, []))[1].append(s)
+    groups.extend(buckets.values())
+    order = {s.name: i for i, s in enumerate(sites)}
+    groups.sort(key=lambda g: order[g[1][0].name])
+    return groups

@@ -1,0 +1,175 @@
+"""`report()`: what compression did, read off the compressed model itself."""
+
+import json
+
+import numpy as np
+
+import keras
+
+from micik_tf.compression import decomposition
+from micik_tf.compression.grouping import untouched_reason, walk
+from micik_tf.layers import FactorizedConv2D, FactorizedDense, SharedBasis
+
+_WRAPPERS = (FactorizedDense, FactorizedConv2D)
+
+# A Dense/Conv2D that compress() could have factorized but left as it was. The
+# model records no more than that (the same before and after `.keras` saving);
+# compress()'s progress log names the specific cause when it happens.
+LEFT_WHOLE = (
+    "left whole by compress(): excluded, not in `ranks`, or kept dense by the "
+    "allocator because its full kernel served the budget better"
+)
+
+
+class Report:
+    """The compression report of one model.
+
+    Attributes are those of `to_dict()`: `params_before`, `params_after`,
+    `ratio`, `groups`, `layers` and `untouched`.
+    """
+
+    def __init__(self, params_before, params_after, groups, layers, untouched):
+        self.params_before = int(params_before)
+        self.params_after = int(params_after)
+        self.ratio = self.params_before / max(self.params_after, 1)
+        self.groups = groups
+        self.layers = layers
+        self.untouched = untouched
+
+    def to_dict(self):
+        """A JSON-safe dict of the report."""
+        return json.loads(
+            json.dumps(
+                {
+                    "params_before": self.params_before,
+                    "params_after": self.params_after,
+                    "ratio": self.ratio,
+                    "groups": self.groups,
+                    "layers": self.layers,
+                    "untouched": self.untouched,
+                }
+            )
+        )
+
+    def __str__(self):
+        lines = [
+            f"MICIK compression: {self.params_before:,} -> {self.params_after:,} "
+            f"parameters ({self.ratio:.2f}x)",
+            "",
+            f"{'layer':<32} {'group':<28} {'r_c':>5} {'r_u':>5} {'params':>10} {'rel.err':>8}",
+        ]
+        for layer in self.layers:
+            error = layer["relative_error"]
+            lines.append(
+                f"{layer['name'][:32]:<32} {(layer['group'] or '-')[:28]:<28} "
+                f"{layer['rank_common']:>5} {layer['rank_unique']:>5} "
+                f"{layer['params']:>10,} "
+                + (f"{error:>8.4f}" if error is not None else f"{'?':>8}")
+            )
+        if self.groups:
+            lines += ["", "shared bases:"]
+            for group in self.groups:
+                lines.append(
+                    f"  {group['name']}: {group['basis_shape'][0]}x"
+                    f"{group['basis_shape'][1]} ({group['params']:,} params, "
+                    f"stored once) shared by {', '.join(group['members'])}"
+                )
+        if self.untouched:
+            lines += ["", "untouched:"]
+            for item in self.untouched:
+                lines.append(f"  {item['name']}: {item['reason']}")
+        return "\n".join(lines)
+
+    __repr__ = __str__
+
+
+def report(model, reference=None):
+    """Reports a compressed model's ratio, groups, ranks and errors.
+
+    Each layer's `relative_error` is the weight-space error
+    `||W - W_hat|| / ||W||`. With `calibration_data`, compress() minimises the
+    error on the layer's *outputs* instead, so the weight error can exceed 1
+    while the output error is small; that is expected.
+
+    Everything is computed from `model`: the parameter counts from its
+    variables (each distinct variable once), the original size from the
+    wrappers' kernel shapes, the groups from the `SharedBasis` layers.
+
+    Args:
+        model: a model returned by `micik_tf.compress()` (or loaded from
+            `.keras`).
+        reference: optionally the original model. Relative errors are then
+            recomputed against its kernels (matched by layer path) instead of
+            read from the values `compress()` recorded; use it after recovery
+            training, when the factors have moved.
+
+    Returns:
+        A `Report`.
+    """
+    if not isinstance(model, keras.Model):
+        raise TypeError(f"report() takes a keras.Model. Received: {type(model).__name__}")
+    reference_layers = {}
+    if reference is not None:
+        reference_layers = {"/".join(p): l for l, p in walk(reference)}
+    bases, wrappers, untouched = {}, [], []
+    for layer, path in walk(model):
+        name = "/".join(path)
+        if isinstance(layer, SharedBasis):
+            bases[(path[:-1], layer.name)] = layer
+        elif isinstance(layer, _WRAPPERS):
+            wrappers.append((layer, path))
+        elif layer.weights:
+            untouched.append({"name": name, "reason": untouched_reason(layer) or LEFT_WHOLE})
+
+    members = {key: [] for key in bases}
+    ranks = {}  # a group's r_c, as its members use it
+    layers, before, after_factored = [], 0, 0
+    for layer, path in wrappers:
+        name = "/".join(path)
+        key = (path[:-1], layer.group)
+        basis = None
+        if layer.rank_common:
+            members[key].append(name)
+            ranks[key] = layer.rank_common
+            basis = np.asarray(keras.ops.convert_to_numpy(bases[key].basis))
+        params = layer.count_own_params()
+        dense = int(np.prod(layer.kernel_shape())) + (layer.units if layer.use_bias else 0)
+        before += dense
+        after_factored += params
+        error = layer.relative_error
+        if name in reference_layers and hasattr(reference_layers[name], "kernel"):
+            original = decomposition.kernel_matrix(
+                keras.ops.convert_to_numpy(reference_layers[name].kernel)
+            )
+            approx = decomposition.kernel_matrix(layer.reconstruct_kernel(basis))
+            error = decomposition.relative_error(original, approx)
+        layers.append(
+            {
+                "name": name,
+                "type": type(layer).__name__,
+                "group": layer.group if layer.rank_common else None,
+                "rank_common": layer.rank_common,
+                "rank_unique": layer.rank_unique,
+                "shared_side": layer.shared_side,
+                "kernel_shape": [int(d) for d in layer.kernel_shape()],
+                "params": params,
+                "relative_error": error,
+            }
+        )
+    groups = []
+    for (owner, name), layer in bases.items():
+        params = int(np.prod(layer.basis.shape))
+        after_factored += params
+        groups.append(
+            {
+                "name": "/".join(owner + (name,)),
+                "members": members[(owner, name)],
+                "rank_common": ranks.get((owner, name), 0),
+                "basis_shape": [int(layer.rows), int(layer.cols)],
+                "params": params,
+            }
+        )
+    params_after = int(model.count_params())
+    params_before = params_after - after_factored + before
+    return Report(params_before, params_after, groups, layers, untouched)
+

@@ -1,0 +1,46 @@
+"""Forward cost of a model, counted from its layers' shapes.
+
+Multiply-accumulates (MACs) of the layers that dominate: Conv2D and Dense,
+and MICIK's factorized layers. A factorized layer of total rank
+`r = r_c + r_u` over a kernel matrix `m x n` costs `m*r + r*n` per output
+position (a `k x k` convolution to `r` channels, then `r -> n`) instead of
+`m*n`, whichever side shares. BatchNorm, activations and pooling are left
+out: they cost the same in both models.
+"""
+
+import math
+
+import keras
+
+from micik_tf.compression.grouping import walk
+from micik_tf.layers import FactorizedConv2D, FactorizedDense
+
+
+def _positions(layer):
+    """Output positions per example (H*W for a convolution, 1 for Dense)."""
+    shape = layer.output.shape
+    return math.prod(int(d) for d in shape[1:-1]) if len(shape) > 2 else 1
+
+
+def forward_macs(model):
+    """Multiply-accumulates of one forward pass of one example.
+
+    Args:
+        model: a built Functional/Sequential model (nested models included),
+            compressed or not.
+
+    Returns:
+        `{"total": int, "layers": {path: int}}`.
+    """
+    layers = {}
+    for layer, path in walk(model):
+        if isinstance(layer, (FactorizedDense, FactorizedConv2D)):
+            rank = layer.rank_common + layer.rank_unique
+            per_position = layer.kernel_rows * rank + rank * layer.units
+        elif isinstance(layer, (keras.layers.Conv2D, keras.layers.Dense)):
+            kernel = layer.kernel.shape
+            per_position = math.prod(int(d) for d in kernel)
+        else:
+            continue
+        layers["/".join(path)] = int(per_position * _positions(layer))
+    return {"total": sum(layers.values()), "layers": layers}

@@ -1,0 +1,313 @@
+"""Magnitude pruning of MICIK factors, native to Keras 3.
+
+MICIK.md section 1.3: pruning applies on top of the compressed factors. This
+module prunes the factor variables themselves (each `SharedBasis.basis` and
+the wrappers' `coefficients`, `unique_left`, `unique_right`; optionally the
+kernels of Dense/Conv2D layers left untouched by `compress()`), with the
+schedule semantics of tensorflow-model-optimization (tfmot), but without its
+wrapper layers: tfmot works on tf_keras only, and its wrappers override
+private Keras internals (see STYLE.md).
+
+Inside a custom loop (e.g. one like `RecoveryTrainer`'s):
+
+    pruner = MagnitudePruner(student, PolynomialDecay(0.0, 0.8, 0, 1000))
+    for step, (x, y) in enumerate(dataset, start=1):
+        train_step(x, y)       # strategy.run(...) + apply_gradients
+        pruner.update(step)    # new masks on the schedule's steps
+        pruner.apply()         # keeps pruned weights at zero
+
+`update()` and `apply()` run eagerly, in the cross-replica context (outside
+`strategy.run`): assigning to a mirrored variable there updates every replica.
+"""
+
+import numbers
+
+import numpy as np
+
+import keras
+from keras import ops
+
+from micik_tf.compression.grouping import walk
+from micik_tf.layers import FactorizedConv2D, FactorizedDense, SharedBasis
+from micik_tf.recovery.strategies import in_replica_context
+from micik_tf.validation import fraction, int_at_least, positive_float
+
+FACTOR_NAMES = ("coefficients", "unique_left", "unique_right")
+
+
+class _Schedule:
+    """Step gating shared by the schedules (tfmot's `_should_prune_in_step`)."""
+
+    def __init__(self, begin_step, end_step, frequency, allow_forever):
+        self.begin_step = int_at_least("begin_step", begin_step, 0)
+        if allow_forever and end_step == -1:
+            self.end_step = -1
+        else:
+            if (
+                isinstance(end_step, bool)
+                or not isinstance(end_step, numbers.Integral)
+                or end_step <= self.begin_step
+            ):
+                expected = "-1 or an integer" if allow_forever else "an integer"
+                raise ValueError(
+                    f"Received an invalid value for `end_step`, expected "
+                    f"{expected} > begin_step={self.begin_step}. "
+                    f"Received: end_step={end_step!r}"
+                )
+            self.end_step = int(end_step)
+        self.frequency = int_at_least("frequency", frequency, 1)
+
+    def should_prune(self, step):
+        """True when `begin <= step <= end` (no end when `end_step == -1`)
+        and `(step - begin) % frequency == 0`."""
+        step = int(step)
+        in_range = step >= self.begin_step and (
+            self.end_step == -1 or step <= self.end_step
+        )
+        return in_range and (step - self.begin_step) % self.frequency == 0
+
+    def __call__(self, step):
+        """Returns `(should_prune, sparsity)` for a global step."""
+        return self.should_prune(step), self.sparsity(int(step))
+
+
+class PolynomialDecay(_Schedule):
+    """Sparsity rising from `initial_sparsity` to `final_sparsity` (tfmot's).
+
+        p = clip((step - begin_step) / (end_step - begin_step), 0, 1)
+        sparsity = final + (initial - final) * (1 - p) ** power
+
+    Pruning happens only when `begin_step <= step <= end_step` and
+    `(step - begin_step) % frequency == 0`.
+
+    Args:
+        initial_sparsity: sparsity at `begin_step`, in [0, 1).
+        final_sparsity: sparsity from `end_step` on, in [0, 1).
+        begin_step: first step that prunes (>= 0).
+        end_step: last step that prunes (> `begin_step`).
+        power: exponent of the decay (3: fast early, slow late).
+        frequency: prune every `frequency` steps (>= 1).
+    """
+
+    def __init__(self, initial_sparsity, final_sparsity, begin_step, end_step,
+                 power=3, frequency=100):
+        self.initial_sparsity = fraction("initial_sparsity", initial_sparsity)
+        self.final_sparsity = fraction("final_sparsity", final_sparsity)
+        self.power = positive_float("power", power)
+        super().__init__(begin_step, end_step, frequency, allow_forever=False)
+
+    def sparsity(self, step):
+        p = (step - self.begin_step) / (self.end_step - self.begin_step)
+        p = min(1.0, max(0.0, p))
+        return float(
+            self.final_sparsity
+            + (self.initial_sparsity - self.final_sparsity) * (1.0 - p) ** self.power
+        )
+
+
+class ConstantSparsity(_Schedule):
+    """One sparsity, re-applied every `frequency` steps (tfmot's).
+
+    Args:
+        target_sparsity: the sparsity, in [0, 1).
+        begin_step: first step that prunes (>= 0).
+        end_step: last step that prunes (> `begin_step`), or -1: no end.
+        frequency: prune every `frequency` steps (>= 1).
+    """
+
+    def __init__(self, target_sparsity, begin_step, end_step=-1, frequency=100):
+        self.target_sparsity = fraction("target_sparsity", target_sparsity)
+        super().__init__(begin_step, end_step, frequency, allow_forever=True)
+
+    def sparsity(self, step):
+        return self.target_sparsity
+
+
+# Gradual pruning during recovery (`gradual_schedule`): the sparsity rises over
+# this share of the steps, in PRUNING_INCREMENTS steps; the rest of recovery
+# heals the network at the final sparsity.
+PRUNING_SHARE = 0.7
+PRUNING_INCREMENTS = 10
+
+
+def gradual_schedule(target, total_steps):
+    """tfmot's usual recipe: a `PolynomialDecay` from 0 to `target` over the
+    first `PRUNING_SHARE` of `total_steps`, pruning `PRUNING_INCREMENTS` times."""
+    end = max(1, int(PRUNING_SHARE * total_steps))
+    frequency = max(1, end // PRUNING_INCREMENTS)
+    return PolynomialDecay(0.0, target, begin_step=0,
+                           end_step=frequency * max(1, end // frequency), frequency=frequency)
+
+
+def prunable_variables(model, include_dense_kernels=False):
+    """The variables magnitude pruning acts on, as `(name, variable)` pairs.
+
+    These are the factors of every `SharedBasis` (its `basis`) and of every
+    factorized wrapper (`coefficients`, `unique_left`, `unique_right`),
+    found recursively through nested models. A variable appears once even
+    when reached twice (a shared basis is one variable). Biases are never
+    pruned. The name is the variable's Keras `path`.
+
+    Args:
+        model: a built Keras model, typically one `micik_tf.compress()` made.
+        include_dense_kernels: also list the `kernel` of plain `Dense` and
+            `Conv2D` layers (those `compress()` left untouched).
+    """
+    found, seen_vars = [], set()
+
+    def add(variable):
+        if variable is not None and id(variable) not in seen_vars:
+            seen_vars.add(id(variable))
+            found.append((variable.path, variable))
+
+    for layer, _ in walk(model):
+        if not layer.built:
+            continue
+        if isinstance(layer, SharedBasis):
+            add(layer.basis)
+        elif isinstance(layer, (FactorizedDense, FactorizedConv2D)):
+            for name in FACTOR_NAMES:
+                add(getattr(layer, name, None))
+        elif include_dense_kernels and isinstance(
+            layer, (keras.layers.Dense, keras.layers.Conv2D)
+        ):
+            add(layer.kernel)
+    return found
+
+
+class MagnitudePruner:
+    """Zeroes the smallest-magnitude entries of each factor variable.
+
+    Each prunable variable (see `prunable_variables`) gets its own mask; at a
+    pruning step, the `round(sparsity * size)` entries of smallest `|w|` are
+    zeroed (ties broken by position, so the result is deterministic and the
+    count exact). Entries zeroed before have magnitude 0 and so stay pruned
+    as the sparsity rises, as in tfmot.
+
+    Unlike tfmot there is nothing to strip: the model holds no wrappers, and
+    the zeros live in its ordinary variables, so `.keras` files, exports and
+    gzip pick them up directly. The masks are numpy arrays held here, never
+    Keras weights of the model; after a restart, `masks_from_weights()`
+    rebuilds them from the zeros in a restored checkpoint.
+
+    Args:
+        model: a built model (e.g. from `micik_tf.compress()`).
+        schedule: a `PolynomialDecay`, a `ConstantSparsity`, or any callable
+            `step -> (should_prune, sparsity)`.
+        include_dense_kernels: also prune kernels of plain Dense/Conv2D.
+    """
+
+    def __init__(self, model, schedule, include_dense_kernels=False):
+        if not callable(schedule):
+            raise ValueError(
+                "Received an invalid value for `schedule`, expected a callable "
+                f"`step -> (should_prune, sparsity)`. Received: schedule={schedule!r}"
+            )
+        self.schedule = schedule
+        self.variables = prunable_variables(model, include_dense_kernels)
+        if not self.variables:
+            raise ValueError(
+                f"Model '{model.name}' has no prunable variables: it holds no "
+                "SharedBasis or factorized layer (compress it first, or pass "
+                "include_dense_kernels=True)."
+            )
+        self.masks = {}
+
+    def update(self, step):
+        """Recomputes the masks and applies them if the schedule prunes at
+        `step`. Returns whether it pruned."""
+        should_prune, sparsity = self.schedule(int(step))
+        if not should_prune:
+            return False
+        self.prune_to(sparsity)
+        return True
+
+    @property
+    def final_sparsity(self):
+        """The sparsity the schedule ends at."""
+        return getattr(self.schedule, "final_sparsity", None) or getattr(
+            self.schedule, "target_sparsity", 0.0)
+
+    @property
+    def final_step(self):
+        """The step from which the schedule's final sparsity holds (0 if unknown)."""
+        return max(getattr(self.schedule, "end_step", 0), 0)
+
+    def prune_to(self, sparsity):
+        """Applies `sparsity` at once, whatever the schedule says."""
+        self._check_context()
+        for name, variable in self.variables:
+            magnitude = np.abs(ops.convert_to_numpy(variable)).ravel()
+            count = int(round(sparsity * magnitude.size))
+            mask = np.ones(magnitude.size, dtype=bool)
+            mask[np.argsort(magnitude, kind="stable")[:count]] = False
+            self.masks[name] = mask.reshape(variable.shape)
+        self.apply()
+
+    def masks_from_weights(self):
+        """Sets each mask to the nonzero pattern of its variable (to resume
+        pruning after restoring a checkpoint)."""
+        for name, variable in self.variables:
+            self.masks[name] = ops.convert_to_numpy(variable) != 0
+
+    def apply(self):
+        """Multiplies each variable by its mask; call after every optimizer
+        step so that pruned weights stay zero."""
+        self._check_context()
+        for name, variable in self.variables:
+            mask = self.masks.get(name)
+            if mask is not None:
+                variable.assign(
+                    ops.multiply(variable, ops.cast(mask, variable.dtype))
+                )
+
+    def sparsity(self):
+        """Fraction of exact zeros, read from the variables themselves.
+
+        Returns:
+            `{"overall": float, "variables": {name: float}}`; `overall`
+            weighs each variable by its size.
+        """
+        per_variable, zeros, total = {}, 0, 0
+        for name, variable in self.variables:
+            value = ops.convert_to_numpy(variable)
+            z = int(np.count_nonzero(value == 0))
+            per_variable[name] = z / value.size
+            zeros, total = zeros + z, total + value.size
+        return {"overall": zeros / total, "variables": per_variable}
+
+    def _check_context(self):
+        if in_replica_context():
+            raise RuntimeError(
+                "MagnitudePruner runs in the cross-replica context: call "
+                "update()/apply() after `strategy.run(...)`, not inside it."
+            )
+
+
+def sparsity_for_ratio(model, ratio):
+    """The kernel sparsity at which `model`'s nonzero parameters are
+    `count_params() / ratio`: the same number of stored parameters as a
+    compressed model at `ratio`. Biases, BatchNorm and every other variable
+    stay dense and count in full.
+
+    Raises:
+        ValueError: if even pruning every kernel entry cannot reach `ratio`.
+    """
+    kernels = sum(int(np.prod(v.shape)) for _, v in prunable_variables(model, True))
+    total = model.count_params()
+    sparsity = (total - total / ratio) / max(kernels, 1)
+    if sparsity >= 1:
+        raise ValueError(
+            f"ratio={ratio:g} cannot be reached by pruning: {total - kernels:,} of "
+            f"{total:,} parameters are not kernels. The largest reachable ratio is "
+            f"{total / max(total - kernels, 1):.2f}."
+        )
+    return sparsity
+
+
+def stored_parameters(model):
+    """Parameters a pruned model stores: all but the zeros of its prunable
+    kernels and factors (every other variable counts in full)."""
+    zeros = sum(int(np.sum(ops.convert_to_numpy(v) == 0))
+                for _, v in prunable_variables(model, True))
+    return int(model.count_params()) - zeros

@@ -1,0 +1,146 @@
+"""What a recovery job leaves behind: the student's exports, `report.json`, a
+plot of the training curves, and the summary the binary prints."""
+
+import os
+import tempfile
+
+from micik_tf import deploy, files
+from micik_tf.compression import report as compression_report
+from micik_tf.deploy import pruning
+from micik_tf.deploy.checks import gzip_size
+from micik_tf.job.config import PRUNING_MODE, QUANTIZE_FORMATS, UsageError
+from micik_tf.recovery import pipeline, strategies
+
+# Training examples used to calibrate int8 activations in the TFLite exports,
+# and test examples each export is checked on.
+REPRESENTATIVE_EXAMPLES = 128
+CHECK_EXAMPLES = 1000
+EXPORT_DIR = "export"
+STUDENT_FILE = "student.keras"
+
+
+def report(config, data, trainer, teacher, workspace, accuracies, history, resumed_from):
+    """The report dict of a finished run (exports and timing added by the caller)."""
+    compression = _compression(config, teacher, trainer.student)
+    return {
+        "dataset": data.source.name,
+        "train_examples": data.train_size,
+        "teacher_accuracy": accuracies["teacher"],
+        "student_accuracy_before_recovery": accuracies["before"],
+        "student_accuracy": accuracies["after"],
+        "params_before": compression["params_before"],
+        "params_after": compression["params_after"],
+        "ratio": compression["ratio"],
+        "steps": int(trainer.step.numpy()),
+        "resumed_from_step": resumed_from,
+        "changes_on_resume": workspace.changes,
+        "strategy": config.strategy,
+        "replicas": trainer.replicas,
+        "feature_layers": trainer.feature_layers,
+        "loss_weights": {"alpha": config.alpha, "beta": config.beta, "gamma": config.gamma,
+                         "temperature": config.temperature, "window": config.window},
+        "learning_rate": config.learning_rate,
+        "best_epoch_from_step": trainer.best_from_step,
+        "history": history,
+        "sparsity": trainer.pruner.sparsity()["overall"] if trainer.pruner else 0.0,
+        "quantize": config.quantize,
+        "qat_from_step": trainer.quantizer.begin_step if trainer.quantizer else None,
+        "data_cached": data.cached,
+        "compression": compression,
+    }
+
+
+def _compression(config, teacher, student):
+    """The compression record: `micik_tf.report()`, or for the pruning
+    baseline the stored (nonzero) parameters of the pruned teacher copy."""
+    if config.mode != PRUNING_MODE:
+        return compression_report(student, reference=teacher).to_dict()
+    before, stored = int(teacher.count_params()), pruning.stored_parameters(student)
+    return {"params_before": before, "params_after": stored, "ratio": before / max(stored, 1),
+            "groups": [], "layers": [], "untouched": []}
+
+
+def export_student(config, student, accuracy, data, workspace, strategy):
+    """`student.keras` and the deployment formats `--export` and `--quantize`
+    ask for, each checked against Keras on the test split. Returns
+    `{format: result}` as `micik_tf.export` does."""
+    exports = {}
+    if "keras" in config.export:
+        path = workspace.save_model(student, STUDENT_FILE, strategy)
+        if path:
+            exports["keras"] = {"path": path, "bytes": os.path.getsize(path),
+                                "gzip_bytes": gzip_size(path), "accuracy": accuracy}
+    formats = [f for f in config.export if f != "keras"]
+    added = QUANTIZE_FORMATS[config.quantize]
+    if added and added not in formats:
+        formats.append(added)
+    if formats:
+        exports.update(_deployment_files(student, formats, data, workspace, strategy))
+    return exports
+
+
+def _deployment_files(student, formats, data, workspace, strategy):
+    """The folder belongs to this run, so a rerun refreshes it. Under a
+    multi-worker strategy every worker exports (variable reads are
+    collective); only the chief's files are kept."""
+    representative, _ = pipeline.to_arrays(data.train, REPRESENTATIVE_EXAMPLES)
+    check_x, check_y = pipeline.to_arrays(data.source.test, CHECK_EXAMPLES)
+    target = workspace.path(EXPORT_DIR)
+    if not strategies.is_chief(strategy):
+        target = tempfile.mkdtemp(prefix="micik_worker_export_")
+    try:
+        return deploy.export(student, target, formats=formats, representative_data=representative,
+                             overwrite=True, check_data=check_x, check_labels=check_y)
+    except (ValueError, FileExistsError) as error:
+        raise UsageError(f"--export: {error}") from None
+
+
+def plot_history(history, teacher_accuracy, path):
+    """Loss components and validation accuracy per epoch, as a PNG; returns `path`.
+
+    Drawn on a `matplotlib.figure.Figure` of its own: the user's pyplot state
+    and backend are never touched.
+    """
+    from matplotlib.figure import Figure
+
+    epochs = [h["epoch"] for h in history]
+    figure = Figure(figsize=(10, 4))
+    left, right = figure.subplots(1, 2)
+    for key, label in (("loss", "total"), ("ce", "CE"), ("kd", "KD"), ("sim", "L_sim"),
+                       ("inh", "L_inh")):
+        left.plot(epochs, [h[key] for h in history], marker="o", label=label)
+    left.set_xlabel("epoch")
+    left.set_ylabel("loss (per step, mean)")
+    left.set_yscale("symlog", linthresh=1e-3)
+    left.legend()
+    if any("val_accuracy" in h for h in history):
+        right.plot(epochs, [h.get("val_accuracy") for h in history], marker="o",
+                   label="student (val)")
+    right.plot(epochs, [h["train_accuracy"] for h in history], marker=".", label="student (train)")
+    right.axhline(teacher_accuracy, color="k", linestyle="--", label="teacher (test)")
+    right.set_xlabel("epoch")
+    right.set_ylabel("accuracy")
+    right.legend()
+    figure.tight_layout()
+    files.write_figure(figure, path)
+    return path
+
+
+def summary_table(report):
+    """The few lines `tools/train.py` prints at the end of a run."""
+    rows = [
+        ("teacher accuracy", f"{report['teacher_accuracy']:.4f}"),
+        ("student accuracy before recovery", f"{report['student_accuracy_before_recovery']:.4f}"),
+        ("student accuracy", f"{report['student_accuracy']:.4f}"),
+        ("parameters", f"{report['params_before']:,} -> {report['params_after']:,}"),
+        ("ratio", f"{report['ratio']:.2f}x"),
+        ("steps (resumed from)", f"{report['steps']} ({report['resumed_from_step']})"),
+        ("wall time", f"{report['wall_seconds']:.1f} s"),
+    ]
+    for fmt, result in report.get("exports", {}).items():
+        accuracy = result.get("accuracy")
+        rows.append((f"export {fmt}",
+                     f"{result['bytes']:,} bytes ({result['gzip_bytes']:,} gzip'd)"
+                     + ("" if accuracy is None else f", accuracy {accuracy:.4f}")))
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)

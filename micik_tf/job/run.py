@@ -1,0 +1,135 @@
+"""One recovery job, end to end, as a sequence of named steps.
+
+    config = RunConfig(model_dir="runs/x", dataset="digits", ratio=16)
+    report = run(config)
+
+`tools/train.py` parses its flags into a `RunConfig` and calls `run()`; the
+benchmarks and tests call it directly. The steps: check the settings, open
+the run's folder, load the data, get the teacher, make the student, build
+the trainer, recover (resuming where a run stopped), evaluate, export and
+write the report.
+"""
+
+import time
+
+from micik_tf import files
+from micik_tf.job import outputs
+from micik_tf.job.config import PRUNING_MODE, QAT_FRACTION, UsageError
+from micik_tf.job.data import load_data
+from micik_tf.job.student import make_student
+from micik_tf.job.teacher import resolve_teacher
+from micik_tf.job.workspace import Workspace
+from micik_tf.recovery import strategies
+from micik_tf.recovery.trainer import RecoveryTrainer
+
+HISTORY_FILE = "history.json"
+
+
+def run(config, strategy=None):
+    """Runs one recovery job; returns the report dict (also in report.json).
+
+    Args:
+        config: a `RunConfig`.
+        strategy: the `tf.distribute.Strategy` (default: built from
+            `config.strategy`; multi-worker must build it at program start).
+
+    Raises:
+        UsageError: bad settings or input, in one line, before any work
+            that the bad input would spoil.
+    """
+    started = time.perf_counter()
+    config.validate()
+    strategy = strategy or _strategy(config)
+    workspace = Workspace.open(config, strategy)
+    data = load_data(config)
+    with strategy.scope():
+        teacher, teacher_origin = resolve_teacher(config, data, workspace, strategy)
+        _log(config, f"teacher {teacher.name}: {teacher.count_params():,} parameters, "
+                     f"{teacher_origin}")
+        student, student_origin = make_student(config, teacher, data, workspace, strategy)
+        _log(config, f"student: {student.count_params():,} parameters, {student_origin}")
+        trainer = _trainer(config, teacher, student, data, strategy)
+    teacher_accuracy = trainer.evaluate(teacher, data.test)
+    accuracy_before = _accuracy_before(config, trainer, student, data)
+    resumed_from, history = _recover(config, trainer, data, workspace)
+    student_accuracy = trainer.evaluate(student, data.test)
+    trainer.cleanup()
+
+    report = outputs.report(
+        config, data, trainer, teacher, workspace,
+        accuracies=dict(teacher=teacher_accuracy, before=accuracy_before, after=student_accuracy),
+        history=history, resumed_from=resumed_from,
+    )
+    report["exports"] = outputs.export_student(config, student, student_accuracy, data,
+                                               workspace, strategy)
+    report["wall_seconds"] = time.perf_counter() - started
+    if workspace.chief:
+        report["plot"] = outputs.plot_history(history, teacher_accuracy,
+                                              workspace.path("training_curves.png"))
+        files.write_json(workspace.path("report.json"), report)
+    return report
+
+
+def _log(config, message):
+    if config.verbose:
+        print(f"[train] {message}", flush=True)
+
+
+def _strategy(config):
+    try:
+        return strategies.get_distribution_strategy(config.strategy, config.num_gpus, config.tpu)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+
+
+def _trainer(config, teacher, student, data, strategy):
+    """The recovery trainer, with the pruner and QAT the settings ask for."""
+    from micik_tf.deploy import pruning
+    from micik_tf.deploy.quantization import WeightQuantizer
+
+    total_steps = data.steps_per_epoch * config.epochs
+    pruner = None
+    if config.mode == PRUNING_MODE or config.prune_sparsity:
+        target = config.prune_sparsity
+        if config.mode == PRUNING_MODE:
+            try:
+                target = pruning.sparsity_for_ratio(student, config.ratio)
+            except ValueError as error:
+                raise UsageError(f"--mode={PRUNING_MODE}: {error}") from None
+        pruner = pruning.MagnitudePruner(student, pruning.gradual_schedule(target, total_steps),
+                                         include_dense_kernels=config.mode == PRUNING_MODE)
+    quantizer = None
+    if config.quantize == "int8":
+        quantizer = WeightQuantizer(student, begin_step=int((1 - QAT_FRACTION) * total_steps) + 1)
+    return RecoveryTrainer(teacher, student, strategy, config.recovery_config(), config.model_dir,
+                           data.steps_per_epoch, verbose=config.verbose, pruner=pruner,
+                           quantizer=quantizer)
+
+
+def _accuracy_before(config, trainer, student, data):
+    """The student's test accuracy before recovery. For the pruning baseline,
+    with its final sparsity applied at once (the student is put back)."""
+    if config.mode != PRUNING_MODE:
+        return trainer.evaluate(student, data.test)
+    weights = student.get_weights()
+    trainer.pruner.prune_to(trainer.pruner.final_sparsity)
+    accuracy = trainer.evaluate(student, data.test)
+    student.set_weights(weights)
+    trainer.pruner.masks.clear()
+    return accuracy
+
+
+def _recover(config, trainer, data, workspace):
+    """Restores any checkpoint of this run, trains to the end of the schedule,
+    and keeps the best validation epoch. Returns `(resumed from step, history)`."""
+    resumed_from = trainer.restore(with_optimizer=not workspace.changed("optimizer"))
+    history = []
+    if resumed_from:
+        _log(config, f"resumed from step {resumed_from} (epoch {int(trainer.epoch.numpy()) + 1}, "
+                     f"batch {int(trainer.batch.numpy())}) in {config.model_dir}")
+        saved = workspace.reusable(HISTORY_FILE)
+        history = files.read_json(saved) if saved else []
+    history = trainer.fit(data.train_epoch, data.validation, history=history,
+                          on_epoch_end=lambda h: files.write_json(workspace.path(HISTORY_FILE), h))
+    trainer.restore_best()
+    return resumed_from, history
