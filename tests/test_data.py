@@ -300,3 +300,104 @@ def test_folder_invalid_test_fraction(tmp_path, test_fraction):
 def test_invalid_image_size(image_size):
     with pytest.raises(ValueError, match="image_size"):
         datasets.load("digits", image_size=image_size)
+
+
+# --- Fashion-MNIST: TFDS in data_dir, else IDX files, else one line ------------
+
+
+def _write_idx(path, array):
+    import gzip
+    import struct
+
+    header = b"\x00\x00\x08" + bytes([array.ndim]) + struct.pack(">" + "I" * array.ndim, *array.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.astype(np.uint8).tobytes())
+
+
+def _fake_fashion_mnist(folder, train=60, test=20):
+    """Tiny IDX files in Fashion-MNIST's layout: 28x28 images whose first pixel
+    encodes their label, 10 classes."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for part, count in (("train", train), ("t10k", test)):
+        labels = np.arange(count) % 10
+        images = np.zeros((count, 28, 28), np.uint8)
+        images[:, 0, 0] = labels * 20
+        images[:, 1, :] = np.arange(count)[:, None] % 256  # distinct images
+        _write_idx(folder / f"{part}-images-idx3-ubyte.gz", images)
+        _write_idx(folder / f"{part}-labels-idx1-ubyte.gz", labels)
+    return folder
+
+
+def test_fashion_mnist_from_idx_files_with_fixed_splits(tmp_path):
+    folder = _fake_fashion_mnist(tmp_path / "fmnist")
+    source = datasets.load("fashion_mnist", data_dir=str(folder), validation_fraction=0.2,
+                           train_fraction=0.5)
+    assert source.name == "fashion_mnist" and source.input_shape == (28, 28, 1)
+    assert source.num_classes == 10
+    train_images, train_labels = _check_examples(source, source.train)
+    val_images, val_labels = _check_examples(source, source.validation)
+    test_images, test_labels = _check_examples(source, source.test)
+    # Stratified rounding: 0.2 of 6 per class is 1, and 30 of the 50 left.
+    assert len(val_labels) == 10 and len(train_labels) == 30 == source.train_size
+    assert len(test_labels) == 20
+    # Labels match the images, and validation never overlaps training.
+    for images, labels in ((train_images, train_labels), (val_images, val_labels)):
+        np.testing.assert_array_equal(np.round(images[:, 0, 0, 0] * 255 / 20), labels)
+    rows = lambda images: {tuple(np.round(i[1, :3, 0] * 255).astype(int)) for i in images}  # noqa: E731
+    assert not rows(train_images) & rows(val_images)
+    # Stratified: every class on both sides.
+    assert set(train_labels) == set(val_labels) == set(range(10))
+    # The same splits on every load: they depend on no run seed.
+    again = datasets.load("fashion_mnist", data_dir=str(folder), validation_fraction=0.2,
+                          train_fraction=0.5)
+    np.testing.assert_array_equal(_examples(again.validation)[0], val_images)
+    # The limited regime's examples are a subset of the full regime's.
+    full = datasets.load("fashion_mnist", data_dir=str(folder), validation_fraction=0.2)
+    full_images, _ = _examples(full.train)
+    assert len(full_images) == 50 and rows(train_images) <= rows(full_images)
+    np.testing.assert_array_equal(_examples(full.validation)[0], val_images)
+
+
+def test_fashion_mnist_prefers_tfds_prepared_in_data_dir(tmp_path, monkeypatch):
+    _fake_fashion_mnist(tmp_path)
+    monkeypatch.setattr(datasets, "_tfds_prepared", lambda name, data_dir: True)
+    with tfds.testing.mock_data(num_examples=7):
+        source = datasets.load("fashion_mnist", data_dir=str(tmp_path))
+        assert len(_examples(source.test)[1]) == 7  # TFDS's mock, not the 20 IDX images
+
+
+def test_fashion_mnist_missing_says_how_to_get_it(tmp_path, monkeypatch):
+    monkeypatch.setattr(datasets, "FASHION_MNIST_DIRS", (str(tmp_path / "nowhere"),))
+    with pytest.raises(ValueError) as error:
+        datasets.load("fashion_mnist", data_dir=str(tmp_path))
+    message = str(error.value)
+    assert "\n" not in message
+    assert "apt-get install dataset-fashion-mnist" in message and "tfds build fashion_mnist" in message
+
+
+def test_a_corrupt_idx_file_is_named(tmp_path):
+    from micik_tf.recovery import idx
+
+    bad = tmp_path / "train-images-idx3-ubyte"
+    bad.write_bytes(b"\x00\x00\x08\x03" + b"\x00\x00\x00\x05" * 3 + b"short")
+    with pytest.raises(ValueError, match="cut short"):
+        idx.read_idx(str(bad))
+    bad.write_bytes(b"PK\x03\x04 a zip")
+    with pytest.raises(ValueError, match="not an IDX file"):
+        idx.read_idx(str(bad))
+
+
+def test_tfds_validation_and_train_fractions_become_percent_slices():
+    from micik_tf.recovery.splits import TrainSplit
+
+    assert TrainSplit(0.01, 1.0).percent_slices() == ("train[1%:100%]", "train[:1%]")
+    assert TrainSplit(0.1, 0.1).percent_slices() == ("train[10%:20%]", "train[:10%]")
+    assert TrainSplit(0.0, 1.0).percent_slices() == ("train[0%:100%]", None)
+    with pytest.raises(ValueError, match="whole percents"):
+        TrainSplit(0.005, 1.0).percent_slices()
+
+
+def test_cache_is_decided_by_size():
+    assert pipeline.should_cache(200 << 20) and not pipeline.should_cache(100 << 30)
+    assert not pipeline.should_cache(None)
+    assert pipeline.should_cache(100 << 30, "on") and not pipeline.should_cache(1, "off")
