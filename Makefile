@@ -35,5 +35,5 @@ $(PY):
 # The venv itself is order-only: its mtime changes on every install.
 $(STAMP): setup.py | $(PY)
 	$(PY) -m pip install --upgrade pip
-	$(PY) -m pip install -e ".[test,demo]"
+	$(PY) -m pip install -e ".[test,demo,tfmot]"
 	touch $@

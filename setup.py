@@ -20,7 +20,9 @@ setup(
         "tensorflow>=2.20,<2.22",
         "keras>=3.12,<4",
         "tensorflow-datasets>=4.9",
-        "absl-py>=2.1",
+        # tensorflow-model-optimization (the `tfmot` extra, a benchmark
+        # baseline) pins absl-py below 2; TensorFlow needs >= 1.0.
+        "absl-py>=1.2",
         # tf.summary needs it; TF 2.21 no longer installs it.
         "tensorboard>=2.19",
         "numpy>=1.26",
@@ -28,8 +30,9 @@ setup(
     extras_require={
         "test": ["pytest>=8", "scikit-learn>=1.4", "ai-edge-litert>=1.2", "matplotlib>=3.8"],
         "demo": ["scikit-learn>=1.4", "matplotlib>=3.8"],
-        # tensorflow-model-optimization works on tf_keras (Keras 2) only; it is
-        # imported lazily, by the interop path alone.
+        # tensorflow-model-optimization works on tf_keras (Keras 2) only. It is
+        # the curve benchmark's peer baseline and runs in a subprocess of its
+        # own (benchmarks/tfmot_baseline.py); micik_tf never imports it.
         "tfmot": ["tensorflow-model-optimization>=0.8", "tf_keras>=2.20,<2.22"],
     },
 )

@@ -1,342 +1,766 @@
-"""The accuracy-compression curve: MICIK against per-layer low-rank and
-magnitude pruning at an equal number of stored parameters, with ablations.
+"""The accuracy-compression curve on Fashion-MNIST: MICIK against the strongest
+alternatives at equal size, leak-free.
 
-One teacher (a half-width VGG-16-BN, 3.8M parameters) is trained on the
-digits; then, for every seed and ratio, each method compresses it to the same
-parameter budget and recovers for the same epochs on the same data order:
+Protocol (`PROTOCOL`):
 
-    micik            shared + unique parts, CE + L_kd + L_sim + L_inh
-    per_layer_kd     per-layer SVD (mode="per_layer"), the same losses
-    per_layer_ft     per-layer SVD, cross-entropy only (plain fine-tuning)
-    pruning          the teacher, magnitude-pruned during recovery to as many
-                     nonzero parameters, the same losses
-    micik_no_sim     MICIK without L_sim
-    micik_no_kd      MICIK without L_kd
-    micik_no_unique  shared parts only (mode="common_only")
-    micik_no_common  MICIK without the shared part: by construction the same
-                     configuration as per_layer_kd, so its rows are that
-                     run's, marked `same_run_as`
+- **Data.** Fashion-MNIST's official training split; a fixed, stratified 10%
+  of it is the validation split (best epoch, learning-rate tuning), the same
+  for every seed and method; the official test split (10,000 images) is used
+  only for the reported accuracies.
+- **Teacher.** `vgg_compact` (VGG-16's shape in miniature), trained once on
+  the rest of the training split to a plateau (a cosine decay to 0), cached.
+  Seeds vary only what happens after compression.
+- **Regimes.** *limited*: a fixed 10% of the training split (6,000 images),
+  every method and ablation, 3 seeds, ratios 8, 16, 32, 64; *full*: the whole
+  training split, the main methods at 16x and 64x, 1 seed.
+- **Methods** (`METHODS`), at the same stored-parameter budget (within 2%),
+  with the same recovery steps, data order and best-epoch rule (the best
+  validation epoch, once pruning has reached its final sparsity):
+  MICIK; per-layer SVD with the same losses; magnitude pruning of the teacher
+  (one global threshold on LAMP scores, BatchNorm re-estimated); tfmot's own
+  `prune_low_magnitude` as its users run it (`tfmot_baseline.py`, a tf_keras
+  twin in a subprocess); the same architecture thinned to the same size and
+  trained from scratch with the same distillation, for the recovery budget
+  and for the teacher's; and int8 post-training quantization of the teacher,
+  a point on the bytes axis.
+- **Learning rate.** Tuned per method, once, from `LR_GRID` on the
+  validation split (limited regime, 32x, seed 0), and reused everywhere.
+- **Ablations of MICIK**: no `L_sim`, no `L_kd`, no `L_inh`, no unique part,
+  no common part (= per-layer SVD, the same run), and the previous allocator
+  (`objective="sum_error"`).
 
-Rows are saved after every run (`.curve_work/` in the output folder), so
-an interrupted suite continues where it stopped when rerun with the same
-options.
+Every row records parameters and the gzip'd int8 `.tflite` bytes. State is
+saved after every run under `<output>/.curve_work/` (the teacher, the tuned
+learning rates, the rows, a killed run's checkpoints), so a rerun with the
+same options continues where it stopped, also after a restart.
 """
 
+import argparse
 import dataclasses
-import json
+import glob
+import hashlib
 import os
 import shutil
 import statistics
-import tempfile
+import subprocess
+import sys
 import time
 
-from micik_tf.files import write_figure, write_json
-from benchmarks.common import digits_run
+from micik_tf.files import read_json, write_figure, write_json
 
+from benchmarks.common import figure
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# Method -> the job settings that make it (None: a method run another way).
 METHODS = {
     "micik": dict(mode="micik"),
-    "per_layer_kd": dict(mode="per_layer"),
-    "per_layer_ft": dict(mode="per_layer", alpha=0.0, beta=0.0, gamma=0.0),
+    "per_layer": dict(mode="per_layer"),
     "pruning": dict(mode="magnitude_pruning"),
+    "tfmot": None,
+    "thin": dict(thin=True),
+    "thin_teacher_budget": dict(thin=True, teacher_budget=True),
     "micik_no_sim": dict(mode="micik", beta=0.0),
     "micik_no_kd": dict(mode="micik", alpha=0.0),
+    "micik_no_inh": dict(mode="micik", gamma=0.0),
     "micik_no_unique": dict(mode="common_only"),
+    "micik_sum_error": dict(mode="micik", objective="sum_error"),
 }
 # Methods whose configuration is another's: their rows are that run's.
-ALIASES = {"micik_no_common": "per_layer_kd"}
-METHOD_ORDER = tuple(METHODS) + tuple(ALIASES)
-DEFAULT_RATIOS = (8.0, 16.0, 32.0, 64.0, 128.0)
-# Recovery epochs per run: what fits the whole suite (about 100 runs) into an
-# hour on 2 CPU cores.
-DEFAULT_EPOCHS = 12
+ALIASES = {"micik_no_common": "per_layer"}
+BASELINES = ("per_layer", "pruning", "tfmot", "thin")
+ABLATIONS = {"micik_no_sim": "L_sim", "micik_no_kd": "L_kd", "micik_no_inh": "L_inh",
+             "micik_no_unique": "unique part", "micik_no_common": "common part",
+             "micik_sum_error": "log-energy allocator"}
+CORE = ("micik", "per_layer", "pruning", "tfmot", "thin", "thin_teacher_budget")
+FULL_METHODS = ("micik", "per_layer", "pruning", "thin", "thin_teacher_budget")
+# Which method's tuned learning rate each uses.
+LR_OF = {"thin_teacher_budget": "thin", **{m: "micik" for m in ABLATIONS if m in METHODS}}
+TUNED = ("micik", "per_layer", "pruning", "tfmot", "thin")
+LR_GRID = (5e-4, 2e-3, 5e-3)
+DEFAULT_LR = 2e-3
 
 
-def _base_config(smoke, epochs):
-    # Ratios up to 128x on a 3.8M-parameter model need ranks below
-    # compress()'s default floor of 8.
-    return digits_run("vgg16_half", smoke, epochs, min_rank=1, export=())
+@dataclasses.dataclass(frozen=True)
+class Regime:
+    train_fraction: float
+    epochs: int
+    ratios: tuple
+    seeds: int
+    methods: tuple
 
 
-def run_suite(ratios=None, seeds=3, smoke=False, epochs=DEFAULT_EPOCHS, output_dir=".",
-              methods=METHOD_ORDER, log=print):
-    """Runs every (seed, ratio, method) cell; returns the results dict."""
-    import keras
+@dataclasses.dataclass(frozen=True)
+class Protocol:
+    dataset: str = "fashion_mnist"
+    arch: str = "vgg_compact"
+    width: float = 1.0
+    teacher_epochs: int = 12
+    teacher_learning_rate: float = 3e-3
+    teacher_batch: int = 128
+    augment: tuple = ("flip",)
+    validation_fraction: float = 0.1
+    batch_size: int = 64
+    regimes: tuple = (
+        ("limited", Regime(0.1, 3, (8.0, 16.0, 32.0, 64.0), 3, CORE + tuple(ABLATIONS))),
+        ("full", Regime(1.0, 1, (16.0, 64.0), 1, FULL_METHODS)),
+    )
+    tune_at: tuple = ("limited", 32.0)
+    lr_grid: tuple = LR_GRID
+    tune: bool = True
+    steps_per_epoch: int | None = None  # a cap, for smoke runs
 
-    ratios = list(ratios or DEFAULT_RATIOS)
-    seeds = list(range(seeds))
-    unknown = set(methods) - set(METHOD_ORDER)
-    if unknown:
-        raise ValueError(f"Unknown method(s) {sorted(unknown)}; choose from {METHOD_ORDER}.")
-    base = _base_config(smoke, epochs)
-    options = {"ratios": ratios, "seeds": seeds, "smoke": smoke, "epochs": base.epochs,
-               "methods": list(methods)}
-    # Work that outlives one process (the teacher, rows so far); not results.
+    def regime(self, name):
+        return dict(self.regimes)[name]
+
+    def teacher_key(self):
+        recipe = (self.dataset, self.arch, self.width, self.teacher_epochs,
+                  self.teacher_learning_rate, self.teacher_batch, self.augment,
+                  self.validation_fraction, self.steps_per_epoch)
+        return hashlib.sha256(repr(recipe).encode()).hexdigest()[:12]
+
+
+PROTOCOL = Protocol()
+# 1 seed, ratios 16 and 64, the limited regime, no ablations; the learning
+# rates of a full run when it has tuned them, else DEFAULT_LR.
+QUICK = dataclasses.replace(
+    PROTOCOL, regimes=(("limited", Regime(0.1, 3, (16.0, 64.0), 1, CORE)),), tune=False)
+# Everything, tiny: the bundled digits, a quarter-width teacher, two steps.
+SMOKE = Protocol(
+    dataset="digits", width=0.25, teacher_epochs=1, augment=(), batch_size=32,
+    regimes=(("limited", Regime(0.5, 1, (4.0,), 1, CORE + tuple(ABLATIONS))),
+             ("full", Regime(1.0, 1, (4.0,), 1, FULL_METHODS))),
+    tune_at=("limited", 4.0), lr_grid=(1e-3, 2e-3), steps_per_epoch=2,
+)
+QUICK_SMOKE = dataclasses.replace(
+    SMOKE, regimes=(("limited", Regime(0.5, 1, (4.0,), 1, CORE)),), tune=False)
+
+
+PROTOCOLS = {"full": PROTOCOL, "quick": QUICK, "smoke": SMOKE, "quick_smoke": QUICK_SMOKE}
+
+
+def protocol_for(quick, smoke):
+    name = ("quick_smoke" if smoke else "quick") if quick else ("smoke" if smoke else "full")
+    return PROTOCOLS[name]
+
+
+def _key(row):
+    base = (row["regime"], row["method"], row["ratio"], row["seed"])
+    return base + (row["learning_rate"],) if row["phase"] == "tune" else base
+
+
+def run_suite(protocol, output_dir, log=print, workers=1):
+    """Runs every cell of `protocol`; returns `(results, scratch folder)`.
+
+    With `workers` > 1 the runs of each phase (the learning-rate trials, then
+    the cells) are shared among that many processes, one TensorFlow thread
+    each: the single-threaded parts of a run (tracing, conversion, Python)
+    then overlap, about 1.2x the throughput of one two-thread process on 2
+    cores. A run's result does not depend on the process it ran in.
+    """
     work = os.path.join(output_dir, ".curve_work")
-    partial_path = os.path.join(work, "state.json")
-    state = _load_partial(partial_path, options)
-    scratch = tempfile.mkdtemp(prefix="micik_curve_")
-    try:
-        if state["teacher"] is None or not os.path.exists(state["teacher"]["path"]):
-            keras.utils.set_random_seed(0)
-            teacher_dir = os.path.join(work, "teacher")
-            shutil.rmtree(teacher_dir, ignore_errors=True)
-            tic = time.perf_counter()
-            teacher = state["teacher"] = dict(_train_teacher(base, teacher_dir),
-                                              seconds=time.perf_counter() - tic)
-            log(f"teacher: {teacher['params']:,} parameters, "
-                f"test accuracy {teacher['accuracy']:.4f}")
-            write_json(partial_path, state)
-        done = {(r["method"], r["ratio"], r["seed"]) for r in state["rows"]}
-        for seed in seeds:
-            for ratio in ratios:
-                for method in methods:
-                    if method in ALIASES or (method, ratio, seed) in done:
-                        continue
-                    row = _run_cell(base, state["teacher"]["path"], method, ratio, seed, scratch,
-                                    os.path.join(work, "students"))
-                    state["rows"].append(row)
-                    write_json(partial_path, state)
-                    log(f"seed {seed} ratio {ratio:>5g} {method:<16} "
-                        + (f"{row['achieved_ratio']:.2f}x before {row['accuracy_before_recovery']:.4f} "
-                           f"after {row['accuracy']:.4f} ({row['wall_seconds']:.0f}s)"
-                           if row["accuracy"] is not None else f"unreachable: {row['error']}"))
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
-    rows = list(state["rows"])
-    for alias, source in ALIASES.items():
-        if alias in methods:
-            rows += [dict(r, method=alias, same_run_as=source) for r in state["rows"]
-                     if r["method"] == source]
-    result = {
-        "model": "vgg16_half (VGG-16-BN at half width) on digits"
-                 + (" (smoke: vgg_style_small)" if smoke else ""),
-        "teacher_accuracy": state["teacher"]["accuracy"],
-        "teacher_params": state["teacher"]["params"],
-        "test_examples": 450,
-        "epochs": base.epochs,
-        "seeds": seeds,
-        "learning_rate": base.learning_rate,
-        "batch_size": base.batch_size,
-        "methods": {m: METHODS.get(m) or {"same_run_as": ALIASES[m]} for m in methods},
-        "rows": rows,
-        "summary": summarize(rows, state["teacher"]["accuracy"]),
-    }
-    return result, work
+    suite = _Suite(protocol, work, log)
+    suite.teacher()
+    suite.prepare_students()
+    for phase in ("tune", "cells"):
+        if phase == "tune" and not protocol.tune:
+            continue
+        if workers > 1 and len(suite.pending(phase)) > 1:
+            _run_workers(protocol, output_dir, phase, workers, log)
+            suite.load()
+        else:
+            suite.run(phase)
+    # The teacher, the compressed students, the tuned learning rates and the
+    # rows stay (a rerun re-renders at once); a killed run's checkpoints go.
+    return suite.results(), os.path.join(work, "runs")
 
 
-def _train_teacher(base, teacher_dir):
-    """Trains the suite's one teacher into teacher_dir: the job's recipe, run
-    as a job that trains the teacher and recovers nothing."""
-    from micik_tf import job
-
-    config = dataclasses.replace(base, model_dir=teacher_dir, epochs=0, export=(),
-                                 calibration_batches=0, mode="magnitude_pruning", ratio=1.01)
-    report = job.run(config)
-    return {"path": os.path.join(teacher_dir, "teacher.keras"),
-            "accuracy": report["teacher_accuracy"], "params": report["params_before"]}
-
-
-def _load_partial(path, options):
-    if os.path.exists(path):
-        with open(path) as f:
-            state = json.load(f)
-        if state.get("options") == options:
-            return state
-    return {"options": options, "teacher": None, "rows": []}
+def _run_workers(protocol, output_dir, phase, workers, log):
+    name = next(k for k, v in PROTOCOLS.items() if v == protocol)
+    env = dict(os.environ, TF_NUM_INTRAOP_THREADS="1", TF_NUM_INTEROP_THREADS="1",
+               PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    processes = [subprocess.Popen(
+        [sys.executable, os.path.abspath(__file__), f"--protocol={name}", f"--phase={phase}",
+         f"--worker={k}", f"--workers={workers}", f"--output_dir={output_dir}"],
+        cwd=ROOT, env=env) for k in range(workers)]
+    failed = [k for k, process in enumerate(processes) if process.wait() != 0]
+    if failed:
+        raise RuntimeError(f"curve: worker(s) {failed} of phase {phase!r} failed; rerun to "
+                           "continue where they stopped.")
 
 
-def _run_cell(base, teacher_path, method, ratio, seed, scratch, cache):
-    import keras
+class _Suite:
+    """The suite's state on disk, and one method per step of the protocol."""
 
-    from micik_tf import job
+    def __init__(self, protocol, work, log, worker=None):
+        self.protocol, self.work, self.log, self.worker = protocol, work, log, worker
+        self.teacher_dir = os.path.join(work, f"teacher-{protocol.teacher_key()}")
+        self.options = hashlib.sha256(repr(protocol).encode()).hexdigest()[:12]
+        self.load()
 
-    change = METHODS[method]
-    losses = {k: v for k, v in change.items() if k in ("alpha", "beta", "gamma")}
-    model_dir = os.path.join(scratch, f"{method}_{ratio:g}_{seed}")
-    config = dataclasses.replace(
-        base, model_dir=model_dir, teacher=teacher_path, mode=change["mode"], ratio=ratio,
-        seed=seed, **losses,
-    )
-    keras.utils.set_random_seed(seed)
-    row = {"method": method, "ratio": ratio, "seed": seed}
-    # compress() does not depend on the recovery seed or losses, so each
-    # (mode, ratio) is compressed once and later runs start from that student.
-    cached = os.path.join(cache, f"{change['mode']}_{ratio:g}.keras")
-    if os.path.exists(cached):
-        config = dataclasses.replace(config, student=cached)
-    try:
-        report = job.run(config)
-        if not os.path.exists(cached):
-            os.makedirs(cache, exist_ok=True)
-            shutil.copyfile(os.path.join(model_dir, "student_init.keras"), cached)
-    except job.UsageError as error:
-        return dict(row, achieved_ratio=None, params=None, accuracy_before_recovery=None,
-                    accuracy=None, error=str(error), wall_seconds=None)
-    finally:
+    def load(self):
+        """Every row recorded so far, by any process (one file each)."""
+        self.rows = []
+        for path in sorted(glob.glob(os.path.join(self.work, f"rows-{self.options}-*.json"))):
+            self.rows += read_json(path)
+        mine = f"rows-{self.options}-{'main' if self.worker is None else self.worker}.json"
+        self.rows_path = os.path.join(self.work, mine)
+        self.own_rows = read_json(self.rows_path) if os.path.exists(self.rows_path) else []
+
+    def record(self, row):
+        self.rows.append(row)
+        self.own_rows.append(row)
+        write_json(self.rows_path, self.own_rows)
+
+    def done(self, phase):
+        return {_key(r) for r in self.rows if r["phase"] == phase}
+
+    # -- data and teacher -----------------------------------------------------------
+
+    def data(self, train_fraction=1.0):
+        from micik_tf.recovery import datasets
+
+        return datasets.load(self.protocol.dataset,
+                             validation_fraction=self.protocol.validation_fraction,
+                             train_fraction=train_fraction)
+
+    def teacher(self):
+        """Trains the one teacher (once per recipe, shared by the quick and the
+        full suite) and scores it on the test split, float and int8 PTQ."""
+        path = os.path.join(self.teacher_dir, "teacher.keras")
+        info_path = os.path.join(self.teacher_dir, "teacher.json")
+        if os.path.exists(info_path):
+            self.teacher_info = read_json(info_path)
+            return
+        import keras
+
+        from micik_tf import export, files, models
+        from micik_tf.job.teacher import fit_teacher
+        from micik_tf.recovery import evaluation, pipeline
+
+        p = self.protocol
+        keras.utils.set_random_seed(0)
+        source = self.data()
+        model = models.build(p.arch, source.input_shape, source.num_classes, width=p.width)
+        steps = max(1, source.train_size // p.teacher_batch)
+        if p.steps_per_epoch:
+            steps = min(steps, p.steps_per_epoch)
+        train = pipeline.pipeline(source.train.cache(), p.teacher_batch, training=True,
+                                  augment=p.augment, drop_remainder=True).take(steps)
+        validation = pipeline.pipeline(source.validation.cache(), 256, training=False)
+        tic = time.perf_counter()
+        history = fit_teacher(model, train, validation, p.teacher_epochs,
+                              p.teacher_learning_rate, steps_per_epoch=steps)
+        seconds = time.perf_counter() - tic
+        files.save_model(model, path)
+        test = pipeline.pipeline(source.test, 256, training=False)
+        representative, _ = pipeline.to_arrays(source.train, 100)
+        test_x, test_y = pipeline.to_arrays(source.test)
+        int8 = export(model, os.path.join(self.teacher_dir, "ptq"), formats=("tflite_int8",),
+                      representative_data=representative, check_data=test_x,
+                      check_labels=test_y, overwrite=True)["tflite_int8"]
+        self.teacher_info = {
+            "path": path, "params": int(model.count_params()),
+            "input_shape": list(source.input_shape), "num_classes": source.num_classes,
+            "accuracy": evaluation.accuracy(model, test),
+            "val_accuracy": history["val_accuracy"], "train_accuracy": history["accuracy"],
+            "epochs": p.teacher_epochs, "seconds": seconds,
+            "ptq_int8": {"params": int(model.count_params()), "accuracy": int8["accuracy"],
+                         "gzip_bytes": int8["gzip_bytes"], "bytes": int8["bytes"]},
+        }
+        write_json(info_path, self.teacher_info)
+        self.log(f"teacher: {self.teacher_info['params']:,} parameters, test accuracy "
+                 f"{self.teacher_info['accuracy']:.4f} ({seconds / 60:.1f} min)")
+
+    # -- learning rates ---------------------------------------------------------------
+
+    def pending(self, phase):
+        """The runs of `phase` not done yet, in a fixed order: the tuning
+        trials, or the cells seed by seed (so early rows cover every method)."""
+        p = self.protocol
+        if phase == "tune":
+            regime, ratio = p.tune_at
+            keys = [(regime, m, ratio, 0, lr) for m in TUNED for lr in p.lr_grid]
+        else:
+            keys = [(name, m, ratio, seed)
+                    for seed in range(max(r.seeds for _, r in p.regimes))
+                    for name, r in p.regimes if seed < r.seeds
+                    for ratio in r.ratios for m in r.methods if m not in ALIASES]
+        done = self.done(phase)
+        return [k for k in keys if k not in done]
+
+    def run(self, phase, worker=None, workers=1):
+        """Runs the pending runs of `phase` (this worker's share of them)."""
+        if phase == "cells":
+            self.learning_rates = self.tuned_rates()
+        todo = self.pending(phase)
+        for key in (todo if worker is None else todo[worker::workers]):
+            if phase == "tune":
+                regime, method, ratio, seed, lr = key
+            else:
+                (regime, method, ratio, seed), lr = key, self.lr(key[1])
+            row = dict(self._run(regime, method, ratio, seed, lr), phase=phase)
+            self.record(row)
+            self.log(f"{phase} {regime} seed {seed} {ratio:>4g}x {method:<20} lr {lr:g}: "
+                     + (f"{row['achieved_ratio']:.2f}x before {row['accuracy_before_recovery']:.4f} "
+                        f"after {row['accuracy']:.4f} val {row.get('val_accuracy')} "
+                        f"({row['wall_seconds']:.0f}s)"
+                        if row.get("accuracy") is not None else f"failed: {row.get('error')}"))
+
+    def tuned_rates(self):
+        """Per tuned method, the grid's rate with the best validation accuracy
+        (at `tune_at`); without tuning, a full run's if present, else DEFAULT_LR."""
+        if not self.protocol.tune:
+            return self._borrowed_rates()
+        trials = {}
+        for row in self.rows:
+            if row["phase"] == "tune":
+                trials.setdefault(row["method"], {})[row["learning_rate"]] = row.get("val_accuracy")
+        self.tuning = trials
+        return {m: max(t, key=lambda lr: -1.0 if t[lr] is None else t[lr])
+                for m, t in trials.items()}
+
+    def _borrowed_rates(self):
+        full = os.path.join(self.work, "tuned_learning_rates.json")
+        if os.path.exists(full):
+            return read_json(full)["learning_rates"]
+        return {m: DEFAULT_LR for m in TUNED}
+
+    def lr(self, method):
+        return self.learning_rates.get(LR_OF.get(method, method), DEFAULT_LR)
+
+    # -- cells --------------------------------------------------------------------------
+
+    def _run(self, regime_name, method, ratio, seed, lr):
+        regime = self.protocol.regime(regime_name)
+        row = {"regime": regime_name, "method": method, "ratio": ratio, "seed": seed,
+               "learning_rate": lr}
+        if method == "tfmot":
+            return {**row, **self._tfmot(regime, ratio, seed, lr)}
+        return {**row, **self._job(regime_name, regime, method, ratio, seed, lr)}
+
+    def _job(self, regime_name, regime, method, ratio, seed, lr):
+        import keras
+
+        from micik_tf import job
+
+        settings = dict(METHODS[method])
+        thin, teacher_budget = settings.pop("thin", False), settings.pop("teacher_budget", False)
+        p = self.protocol
+        key = f"{regime_name}-{method}-{ratio:g}-{seed}-{lr:g}"
+        model_dir = os.path.join(self.work, "runs", key)
+        config = job.RunConfig(
+            model_dir=model_dir, dataset=p.dataset, validation_fraction=p.validation_fraction,
+            train_fraction=regime.train_fraction, augment=p.augment,
+            teacher=self.teacher_info["path"], ratio=ratio, min_rank=1,
+            epochs=p.teacher_epochs if teacher_budget else regime.epochs,
+            batch_size=p.batch_size, steps_per_epoch=p.steps_per_epoch, learning_rate=lr,
+            seed=seed, export=("tflite_int8",), checkpoint_every=1_000_000, verbose=0,
+            evaluate_teacher=False,
+            student=self._thin_student(ratio) if thin else self._compressed(
+                regime_name, settings.get("mode", "micik"), settings.get("objective",
+                                                                         "log_energy"), ratio),
+            **settings,
+        )
+        keras.utils.set_random_seed(seed)
+        try:
+            report = job.run(config)
+        except job.UsageError as error:
+            return {"accuracy": None, "error": str(error)}
+        finally:
+            keras.backend.clear_session()
         shutil.rmtree(model_dir, ignore_errors=True)
-    return dict(
-        row,
-        achieved_ratio=report["ratio"],
-        params=report["params_after"],
-        accuracy_before_recovery=report["student_accuracy_before_recovery"],
-        accuracy=report["student_accuracy"],
-        teacher_accuracy=report["teacher_accuracy"],
-        wall_seconds=report["wall_seconds"],
-    )
+        int8 = report["exports"]["tflite_int8"]
+        eligible = [h for h in report["history"] if h.get("best_eligible")]
+        best = max(eligible, key=lambda h: (h["val_accuracy"], h["epoch"])) if eligible else {}
+        return {
+            "params": report["params_after"], "achieved_ratio": report["ratio"],
+            "accuracy_before_recovery": report["student_accuracy_before_recovery"],
+            "accuracy": report["student_accuracy"],
+            "val_accuracy": best.get("val_accuracy"), "best_epoch": best.get("epoch"),
+            "epochs": config.epochs, "steps": report["steps"],
+            "tflite_int8_gzip_bytes": int8["gzip_bytes"], "tflite_int8_bytes": int8["bytes"],
+            "tflite_int8_accuracy": int8["accuracy"],
+            "wall_seconds": report["wall_seconds"],
+        }
+
+    def prepare_students(self):
+        """Makes every compressed and thin student the cells start from, once,
+        before any worker runs (so none of them races to write one)."""
+        for name, regime in self.protocol.regimes:
+            for method in regime.methods:
+                settings = METHODS.get(method) or {}
+                for ratio in regime.ratios:
+                    if settings.get("thin"):
+                        self._thin_student(ratio)
+                    elif "mode" in settings:
+                        self._compressed(name, settings["mode"],
+                                         settings.get("objective", "log_energy"), ratio)
+
+    def _compressed(self, regime_name, mode, objective, ratio):
+        """The compressed student of `(regime, mode, objective, ratio)`, made
+        once: compress() depends on the calibration data, not on the seed."""
+        if mode == "magnitude_pruning":
+            return ""
+        path = os.path.join(self.work, "students", f"{regime_name}-{mode}-{objective}-{ratio:g}.keras")
+        if os.path.exists(path):
+            return path
+        import micik_tf
+        from micik_tf import files
+        from micik_tf.recovery import pipeline
+
+        source = self.data(self.protocol.regime(regime_name).train_fraction)
+        teacher = files.load_model(self.teacher_info["path"])
+        calibration = pipeline.pipeline(source.train, self.protocol.batch_size, training=False)
+        try:
+            student = micik_tf.compress(teacher, ratio=ratio, mode=mode, objective=objective,
+                                        min_rank=1, calibration_data=calibration, verbose=0)
+        except ValueError:
+            return ""  # the job reports the same error on the row
+        files.save_model(student, path)
+        return path
+
+    def _thin_student(self, ratio):
+        """The teacher's architecture at the width whose parameters are closest
+        to the teacher's / ratio, freshly initialised (seeded per run)."""
+        path = os.path.join(self.work, "students", f"thin-{ratio:g}.keras")
+        if os.path.exists(path):
+            return path
+        from micik_tf import files
+
+        model = thin_model(self.protocol, self.teacher_info, self.teacher_info["params"] / ratio)
+        files.save_model(model, path)
+        return path
+
+    def _tfmot(self, regime, ratio, seed, lr):
+        """One tfmot cell, in a subprocess with tf_keras (see tfmot_baseline.py)."""
+        import numpy as np
+
+        from micik_tf import files
+        from micik_tf.recovery import pipeline
+
+        p = self.protocol
+        weights = os.path.join(self.work, "teacher_weights.npz")
+        if not os.path.exists(weights):
+            teacher = files.load_model(self.teacher_info["path"])
+            x, _ = pipeline.to_arrays(self.data().test, 16)
+            arrays = {f"w{i}": w for i, w in enumerate(teacher.get_weights())}
+            np.savez(weights, x=x, logits=np.asarray(teacher(x, training=False)), **arrays)
+        source = self.data()
+        spec = dict(dataset=p.dataset, validation_fraction=p.validation_fraction,
+                    train_fraction=regime.train_fraction, arch=p.arch, width=p.width,
+                    input_shape=list(source.input_shape), num_classes=source.num_classes,
+                    teacher_weights=weights, ratio=ratio, epochs=regime.epochs,
+                    batch_size=p.batch_size, learning_rate=lr, seed=seed,
+                    augment=list(p.augment), steps_per_epoch=p.steps_per_epoch)
+        spec_path = os.path.join(self.work, "tfmot_spec.json")
+        out = os.path.join(self.work, "tfmot_result.json")
+        write_json(spec_path, spec)
+        result = subprocess.run(
+            [sys.executable, os.path.join(ROOT, "benchmarks", "tfmot_baseline.py"),
+             f"--spec={spec_path}", f"--out={out}"],
+            capture_output=True, text=True, cwd=ROOT,
+            env=dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")),
+        )
+        if result.returncode != 0:
+            return {"accuracy": None, "error": "tfmot: " + result.stderr.strip()[-300:]}
+        row = read_json(out)
+        return {k: row[k] for k in ("params", "achieved_ratio", "accuracy_before_recovery",
+                                    "accuracy", "val_accuracy", "best_epoch",
+                                    "wall_seconds", "tfmot_version", "sparsity_per_kernel")} | {
+            "tflite_int8_gzip_bytes": row["tflite_int8_gzip_bytes"],
+            "tflite_int8_bytes": row["tflite_int8_bytes"], "epochs": regime.epochs}
+
+    # -- results ------------------------------------------------------------------------
+
+    def results(self):
+        p = self.protocol
+        self.learning_rates = self.tuned_rates()
+        cells = [r for r in self.rows if r["phase"] == "cells"]
+        rows = list(cells)
+        for regime_name, regime in p.regimes:
+            for alias, source in ALIASES.items():
+                if alias in regime.methods:
+                    rows += [dict(r, method=alias, same_run_as=source) for r in cells
+                             if r["method"] == source and r["regime"] == regime_name]
+        if p.tune:
+            write_json(os.path.join(self.work, "tuned_learning_rates.json"),
+                       {"learning_rates": self.learning_rates})
+        summary = summarize(rows)
+        return {
+            "dataset": p.dataset,
+            "protocol": {
+                "arch": p.arch, "width": p.width, "teacher_epochs": p.teacher_epochs,
+                "validation_fraction": p.validation_fraction, "batch_size": p.batch_size,
+                "augment": list(p.augment),
+                "regimes": {name: dataclasses.asdict(r) for name, r in p.regimes},
+                "learning_rate_grid": list(p.lr_grid) if p.tune else None,
+                "tuned_at": list(p.tune_at) if p.tune else None,
+            },
+            "teacher": self.teacher_info,
+            "learning_rates": self.learning_rates,
+            "tuning": {m: {str(lr): v for lr, v in t.items()}
+                       for m, t in getattr(self, "tuning", {}).items()},
+            "rows": rows,
+            "summary": summary,
+            "verdicts": compare(summary),
+            "ablations": ablation_worth(summary),
+        }
 
 
-def summarize(rows, teacher_accuracy):
-    """Mean and standard deviation over seeds of each (method, ratio) cell."""
+def thin_model(protocol, teacher, target_params, search=400):
+    """The teacher's architecture at the width whose parameter count is closest
+    to `target_params` (channels round to integers, so the match is a step
+    function of the width; the closest step is taken)."""
+    from micik_tf import models
+
+    source_shape, classes = tuple(teacher["input_shape"]), teacher["num_classes"]
+    best = None
+    for i in range(1, search + 1):
+        width = protocol.width * i / search
+        params = models.build(protocol.arch, source_shape, classes, width=width).count_params()
+        if best is None or abs(params - target_params) < abs(best[1] - target_params):
+            best = (width, params)
+        if params > 1.5 * target_params:
+            break
+    return models.build(protocol.arch, source_shape, classes, width=best[0])
+
+
+# --- tables ------------------------------------------------------------------------------
+
+
+def summarize(rows):
+    """Mean and standard deviation over seeds of each (regime, method, ratio)."""
     cells = {}
     for row in rows:
-        cells.setdefault((row["method"], row["ratio"]), []).append(row)
+        cells.setdefault((row["regime"], row["method"], row["ratio"]), []).append(row)
     summary = []
-    for (method, ratio), group in sorted(
-        cells.items(), key=lambda kv: (kv[0][1], METHOD_ORDER.index(kv[0][0]))
-    ):
-        ok = [r for r in group if r["accuracy"] is not None]
+    for (regime, method, ratio), group in sorted(cells.items(), key=lambda kv: (
+            kv[0][0] != "limited", kv[0][2], _order(kv[0][1]))):
+        ok = [r for r in group if r.get("accuracy") is not None]
+        cell = {"regime": regime, "method": method, "ratio": ratio, "seeds": len(ok)}
         if not ok:
-            summary.append({"method": method, "ratio": ratio, "seeds": 0, "error": group[0]["error"]})
+            summary.append(dict(cell, error=group[0].get("error")))
             continue
-        acc = [r["accuracy"] for r in ok]
-        before = [r["accuracy_before_recovery"] for r in ok]
-        summary.append({
-            "method": method, "ratio": ratio, "seeds": len(ok),
-            "params": statistics.mean(r["params"] for r in ok),
-            "achieved_ratio": statistics.mean(r["achieved_ratio"] for r in ok),
-            "accuracy_mean": statistics.mean(acc),
-            "accuracy_std": statistics.stdev(acc) if len(acc) > 1 else 0.0,
-            "before_mean": statistics.mean(before),
-            "before_std": statistics.stdev(before) if len(before) > 1 else 0.0,
-            "drop_points": 100 * (teacher_accuracy - statistics.mean(acc)),
-        })
+        for key in ("accuracy", "accuracy_before_recovery"):
+            values = [r[key] for r in ok]
+            cell[f"{key}_mean"] = statistics.mean(values)
+            cell[f"{key}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+        for key in ("params", "achieved_ratio", "tflite_int8_gzip_bytes", "wall_seconds"):
+            cell[key] = statistics.mean(r[key] for r in ok)
+        summary.append(cell)
     return summary
 
 
+def _order(method):
+    names = list(METHODS) + list(ALIASES)
+    return names.index(method) if method in names else len(names)
+
+
+def compare(summary):
+    """Per regime and ratio: MICIK against the best equal-budget baseline, and
+    against the thin network given the teacher's budget. A margin counts as a
+    win or a loss only beyond both cells' seed spread (std) added."""
+    cells = {(c["regime"], c["method"], c["ratio"]): c for c in summary if c["seeds"]}
+    out = []
+    for regime, ratio in sorted({(c["regime"], c["ratio"]) for c in summary},
+                                key=lambda k: (k[0] != "limited", k[1])):
+        micik = cells.get((regime, "micik", ratio))
+        rivals = [cells[(regime, m, ratio)] for m in BASELINES if (regime, m, ratio) in cells]
+        if micik is None or not rivals:
+            continue
+        best = max(rivals, key=lambda c: c["accuracy_mean"])
+        entry = {"regime": regime, "ratio": ratio, "micik": micik["accuracy_mean"],
+                 "micik_std": micik["accuracy_std"], "seeds": micik["seeds"],
+                 **_verdict(micik, best, "baseline")}
+        longer = cells.get((regime, "thin_teacher_budget", ratio))
+        if longer is not None:
+            entry.update(_verdict(micik, longer, "thin_teacher_budget"))
+        out.append(entry)
+    return out
+
+
+def _verdict(micik, rival, prefix):
+    margin = micik["accuracy_mean"] - rival["accuracy_mean"]
+    spread = micik["accuracy_std"] + rival["accuracy_std"]
+    verdict = "win" if margin > spread else "loss" if -margin > spread else "tie"
+    return {prefix: rival["method"], f"{prefix}_accuracy": rival["accuracy_mean"],
+            f"{prefix}_std": rival["accuracy_std"], f"{prefix}_margin_points": 100 * margin,
+            f"{prefix}_verdict": verdict}
+
+
+def ablation_worth(summary):
+    """Full MICIK's mean accuracy minus each ablation's, in points, per
+    regime and ratio (positive: the part helps), with both cells' spread."""
+    cells = {(c["regime"], c["method"], c["ratio"]): c for c in summary if c["seeds"]}
+    out = []
+    for (regime, method, ratio), micik in sorted(cells.items()):
+        if method != "micik":
+            continue
+        for ablation, part in ABLATIONS.items():
+            other = cells.get((regime, ablation, ratio))
+            if other is not None:
+                out.append({"regime": regime, "ratio": ratio, "part": part,
+                            "worth_points": 100 * (micik["accuracy_mean"] - other["accuracy_mean"]),
+                            "spread_points": 100 * (micik["accuracy_std"] + other["accuracy_std"])})
+    return out
+
+
 def markdown(result, command):
-    runs = [r for r in result["rows"] if "same_run_as" not in r]
+    p, teacher = result["protocol"], result["teacher"]
+    regimes = p["regimes"]
     lines = [
-        f"# curve{' (smoke)' if result['smoke'] else ''}",
+        f"# curve{' (smoke)' if result['smoke'] else ''}{' (quick)' if result.get('quick') else ''}",
         "",
-        f"Teacher: {result['model']}, {result['teacher_params']:,} parameters, test accuracy "
-        f"{result['teacher_accuracy']:.4f}. Every method gets the same parameter budget, "
-        f"{result['epochs']} recovery epochs (Adam, cosine from {result['learning_rate']:g}, "
-        f"batch {result['batch_size']}) and the same data order per seed; mean ± std over "
-        f"{len(result['seeds'])} seed(s). The {len(runs)} runs took "
-        f"{sum(r['wall_seconds'] or 0 for r in runs) / 60:.0f} min in all on "
-        f"{result['machine']['cpu_count']} CPU cores. Written {result['written']} by `{command}`.",
+        f"{result['dataset']}: teacher `{p['arch']}` (width {p['width']:g}), "
+        f"{teacher['params']:,} parameters, trained {teacher['epochs']} epochs on the "
+        f"training split less a fixed {p['validation_fraction']:.0%} validation split: test "
+        f"accuracy **{teacher['accuracy']:.4f}** (best validation {max(teacher['val_accuracy']):.4f}, "
+        f"last {teacher['val_accuracy'][-1]:.4f}). Its int8 post-training quantization: "
+        f"{teacher['ptq_int8']['accuracy']:.4f}, {teacher['ptq_int8']['gzip_bytes']:,} gzip'd "
+        f"bytes. Regimes: "
+        + "; ".join(f"{name}: {r['train_fraction']:.0%} of the training split, {r['epochs']} "
+                    f"recovery epochs, {r['seeds']} seed(s)" for name, r in regimes.items())
+        + f". Batch {p['batch_size']}, Adam with a cosine decay from each method's tuned "
+        f"learning rate ({', '.join(f'{m} {lr:g}' for m, lr in result['learning_rates'].items())}"
+        f"; grid {p['learning_rate_grid']} at {p['tuned_at']}). Written {result['written']} "
+        f"by `{command}` at commit `{result['machine']['git_commit']}`.",
         "",
-        "![accuracy against compression ratio](curve.png)",
+        "![accuracy against stored parameters](curve.png)",
         "",
-        "| ratio | method | params | before recovery | after recovery | drop (points) |",
-        "|---:|---|---:|---:|---:|---:|",
+        "![accuracy against gzip'd int8 bytes](curve_bytes.png)",
+        "",
+        "| regime | ratio | method | params | int8 .tflite gzip bytes | before recovery | after recovery |",
+        "|---|---:|---|---:|---:|---:|---:|",
     ]
-    for cell in result["summary"]:
-        if not cell["seeds"]:
-            lines.append(f"| {cell['ratio']:g} | {cell['method']} | - | - | unreachable | - |")
+    for c in result["summary"]:
+        if not c["seeds"]:
+            lines.append(f"| {c['regime']} | {c['ratio']:g} | {c['method']} | - | - | - | "
+                         f"failed: {str(c.get('error'))[:80]} |")
             continue
         lines.append(
-            f"| {cell['ratio']:g} | {cell['method']} | {cell['params']:,.0f} "
-            f"| {cell['before_mean']:.4f} ± {cell['before_std']:.4f} "
-            f"| {cell['accuracy_mean']:.4f} ± {cell['accuracy_std']:.4f} "
-            f"| {cell['drop_points']:.2f} |"
-        )
+            f"| {c['regime']} | {c['ratio']:g} | {c['method']} | {c['params']:,.0f} "
+            f"| {c['tflite_int8_gzip_bytes']:,.0f} "
+            f"| {c['accuracy_before_recovery_mean']:.4f} ± {c['accuracy_before_recovery_std']:.4f} "
+            f"| {c['accuracy_mean']:.4f} ± {c['accuracy_std']:.4f} |")
     lines += [
         "",
-        "params: stored parameters after compression (for pruning, the nonzero ones), "
-        "every variable counted once, biases and BatchNorm included. micik_no_common is "
-        "per_layer_kd's run: without a shared part, MICIK with its full losses is exactly "
-        "that configuration. The digits test split has 450 images: one image is 0.22 points.",
+        "params: stored parameters (for the pruning methods, the nonzero ones), every variable "
+        "counted once, BatchNorm statistics included; mean ± std over seeds. micik_no_common is "
+        "per_layer's run (MICIK without a shared part is that configuration).",
         "",
-        "MICIK (a) against the best of the baselines (b) per-layer SVD with the same losses, "
-        "(c) per-layer SVD fine-tuned, (d) magnitude pruning, after recovery; the margin counts "
-        "as a win or a loss only when it exceeds both cells' seed std added:",
+        "MICIK against the best equal-budget baseline (per-layer SVD, LAMP pruning, tfmot, the "
+        "thin network with the recovery budget), and against the thin network given the "
+        "teacher's budget; a margin is a win or a loss only beyond both cells' std added "
+        "(with one seed, any margin):",
         "",
-        "| ratio | MICIK | best baseline | margin (points) | verdict |",
-        "|---:|---:|---|---:|---|",
+        "| regime | ratio | MICIK | best baseline | margin (points) | verdict | thin, teacher's budget | margin | verdict |",
+        "|---|---:|---:|---|---:|---|---:|---:|---|",
     ]
-    lines += [
-        f"| {c['ratio']:g} | {c['micik']:.4f} | {c['baseline']} {c['baseline_accuracy']:.4f} "
-        f"| {c['margin_points']:+.2f} | {c['verdict']} |"
-        for c in compare(result["summary"])
-    ]
-    cells = {(c["method"], c["ratio"]): c for c in result["summary"] if c["seeds"]}
-    ablations = [m for m in ABLATIONS if any(k[0] == m for k in cells)]
-    if ablations and any(k[0] == "micik" for k in cells):
-        lines += [
-            "",
-            "What each part of MICIK is worth: full MICIK's accuracy minus the ablation's, in "
-            "points (positive: the part helps), mean over seeds:",
-            "",
-            "| ratio | " + " | ".join(ABLATIONS[m] for m in ablations) + " |",
-            "|---:|" + "---:|" * len(ablations),
-        ]
-        for ratio in sorted({k[1] for k in cells}):
-            if ("micik", ratio) not in cells:
-                continue
-            full = cells[("micik", ratio)]["accuracy_mean"]
-            lines.append(f"| {ratio:g} | " + " | ".join(
-                f"{100 * (full - cells[(m, ratio)]['accuracy_mean']):+.2f}"
-                if (m, ratio) in cells else "-" for m in ablations) + " |")
+    for v in result["verdicts"]:
+        longer = (f"{v['thin_teacher_budget_accuracy']:.4f} | {v['thin_teacher_budget_margin_points']:+.2f} "
+                  f"| {v['thin_teacher_budget_verdict']}" if "thin_teacher_budget" in v else "- | - | -")
+        lines.append(
+            f"| {v['regime']} | {v['ratio']:g} | {v['micik']:.4f} | {v['baseline']} "
+            f"{v['baseline_accuracy']:.4f} | {v['baseline_margin_points']:+.2f} "
+            f"| {v['baseline_verdict']} | {longer} |")
+    if result["ablations"]:
+        parts = list(dict.fromkeys(a["part"] for a in result["ablations"]))
+        lines += ["", "What each part of MICIK is worth: full MICIK's accuracy minus the "
+                  "ablation's, in points (positive: the part helps; ± both cells' std added):",
+                  "", "| regime | ratio | " + " | ".join(parts) + " |",
+                  "|---|---:|" + "---:|" * len(parts)]
+        worth = {(a["regime"], a["ratio"], a["part"]): a for a in result["ablations"]}
+        for regime, ratio in sorted({(a["regime"], a["ratio"]) for a in result["ablations"]},
+                                    key=lambda k: (k[0] != "limited", k[1])):
+            lines.append(f"| {regime} | {ratio:g} | " + " | ".join(
+                f"{worth[(regime, ratio, part)]['worth_points']:+.2f} ± "
+                f"{worth[(regime, ratio, part)]['spread_points']:.2f}"
+                if (regime, ratio, part) in worth else "-" for part in parts) + " |")
     lines.append("")
     return "\n".join(lines)
 
 
-ABLATIONS = {"micik_no_sim": "L_sim", "micik_no_kd": "L_kd", "micik_no_unique": "unique part",
-             "micik_no_common": "common part"}
-
-
-BASELINES = ("per_layer_kd", "per_layer_ft", "pruning")
-
-
-def compare(summary):
-    """Per ratio: MICIK against the best baseline, with a verdict that
-    counts a margin only beyond the seeds' spread."""
-    cells = {(c["method"], c["ratio"]): c for c in summary if c["seeds"]}
-    out = []
-    for ratio in sorted({c["ratio"] for c in summary}):
-        micik = cells.get(("micik", ratio))
-        rivals = [cells[(m, ratio)] for m in BASELINES if (m, ratio) in cells]
-        if micik is None or not rivals:
-            continue
-        best = max(rivals, key=lambda c: c["accuracy_mean"])
-        margin = micik["accuracy_mean"] - best["accuracy_mean"]
-        spread = micik["accuracy_std"] + best["accuracy_std"]
-        verdict = "MICIK wins" if margin > spread else "MICIK loses" if -margin > spread else "tie"
-        out.append({"ratio": ratio, "micik": micik["accuracy_mean"], "baseline": best["method"],
-                    "baseline_accuracy": best["accuracy_mean"], "margin_points": 100 * margin,
-                    "verdict": verdict})
-    return out
+STYLES = {"micik": dict(color="C3", linewidth=2.5), "per_layer": dict(color="C0"),
+          "pruning": dict(color="C2"), "tfmot": dict(color="C2", linestyle=":"),
+          "thin": dict(color="C1"), "thin_teacher_budget": dict(color="C1", linestyle=":")}
 
 
 def plot(result, path):
-    """Accuracy after recovery against ratio, one line per method."""
-    from benchmarks.common import figure
-
-    fig, ax = figure(size=(8, 5))
-    ablation = dict(linestyle="--", alpha=0.7, linewidth=1)
-    styles = {"micik": dict(linewidth=2.5, color="C3"), "per_layer_kd": dict(color="C0"),
-              "per_layer_ft": dict(color="C0", linestyle=":"), "pruning": dict(color="C2"),
-              "micik_no_sim": dict(ablation, color="C4"), "micik_no_kd": dict(ablation, color="C1"),
-              "micik_no_unique": dict(ablation, color="C5")}
-    for method in METHOD_ORDER:
-        if method in ALIASES:
-            continue  # drawn under its source's line
-        cells = [c for c in result["summary"] if c["method"] == method and c["seeds"]]
-        if not cells:
-            continue
-        style = styles.get(method, ablation)
-        ax.errorbar([c["ratio"] for c in cells], [c["accuracy_mean"] for c in cells],
-                    yerr=[c["accuracy_std"] for c in cells], marker="o", capsize=3,
-                    label=method, **style)
-    ax.axhline(result["teacher_accuracy"], color="k", linestyle="--", label="teacher")
-    ax.set_xscale("log", base=2)
-    ratios = sorted({c["ratio"] for c in result["summary"]})
-    ax.set_xticks(ratios, [f"{r:g}x" for r in ratios])
-    ax.set_xlabel("compression ratio (parameters)")
-    ax.set_ylabel("test accuracy after recovery")
-    ax.set_title(f"{result['model']}: accuracy vs compression")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
+    """curve.png: accuracy against stored parameters; curve_bytes.png: against
+    gzip'd int8 .tflite bytes; curve_teacher.png: the teacher's training curve.
+    One panel per regime; ablations dashed. Returns the paths written."""
+    folder = os.path.dirname(path)
+    written = []
+    for name, key, label in (("curve.png", "params", "stored parameters"),
+                             ("curve_bytes.png", "tflite_int8_gzip_bytes",
+                              "int8 .tflite, gzip'd bytes")):
+        regimes = list(result["protocol"]["regimes"])
+        fig, axes = figure(1, len(regimes), size=(6.5 * len(regimes), 5))
+        axes = axes if len(regimes) > 1 else [axes]
+        for ax, regime in zip(axes, regimes):
+            _plot_regime(ax, result, regime, key, label)
+        fig.tight_layout()
+        target = os.path.join(folder, name)
+        write_figure(fig, target)
+        written.append(target)
+    fig, ax = figure(size=(6, 4))
+    teacher = result["teacher"]
+    epochs = range(1, len(teacher["val_accuracy"]) + 1)
+    ax.plot(epochs, teacher["val_accuracy"], marker="o", label="validation")
+    ax.plot(epochs, teacher["train_accuracy"], marker=".", label="training (augmented)")
+    ax.axhline(teacher["accuracy"], color="k", linestyle="--", label="test (final)")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("accuracy")
+    ax.set_title(f"teacher {result['protocol']['arch']}: training to a plateau")
+    ax.legend()
     fig.tight_layout()
-    write_figure(fig, path)
+    target = os.path.join(folder, "curve_teacher.png")
+    write_figure(fig, target)
+    return written + [target]
+
+
+def _plot_regime(ax, result, regime, key, label):
+    cells = [c for c in result["summary"] if c["regime"] == regime and c["seeds"]]
+    for method in dict.fromkeys(c["method"] for c in cells):
+        if method in ALIASES:
+            continue
+        points = sorted((c for c in cells if c["method"] == method), key=lambda c: c[key])
+        style = STYLES.get(method, dict(linestyle="--", alpha=0.6, linewidth=1))
+        ax.errorbar([c[key] for c in points], [c["accuracy_mean"] for c in points],
+                    yerr=[c["accuracy_std"] for c in points], marker="o", capsize=3,
+                    label=method, **style)
+    teacher = result["teacher"]
+    ax.axhline(teacher["accuracy"], color="k", linestyle="--", label="teacher")
+    if key == "tflite_int8_gzip_bytes":
+        ax.plot([teacher["ptq_int8"]["gzip_bytes"]], [teacher["ptq_int8"]["accuracy"]], "k*",
+                markersize=12, label="teacher int8 PTQ")
+    ax.set_xscale("log")
+    ax.set_xlabel(label)
+    ax.set_ylabel("test accuracy after recovery")
+    ax.set_title(f"{result['dataset']}, {regime} data")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+
+
+def _worker_main():
+    """`python benchmarks/curve.py --protocol=full --phase=cells --worker=0
+    --workers=2 --output_dir=...`: one worker's share of a phase."""
+    parser = argparse.ArgumentParser(description=_worker_main.__doc__)
+    parser.add_argument("--protocol", choices=sorted(PROTOCOLS), required=True)
+    parser.add_argument("--phase", choices=("tune", "cells"), required=True)
+    parser.add_argument("--worker", type=int, required=True)
+    parser.add_argument("--workers", type=int, required=True)
+    parser.add_argument("--output_dir", required=True)
+    args = parser.parse_args()
+    protocol = PROTOCOLS[args.protocol]
+    suite = _Suite(protocol, os.path.join(args.output_dir, ".curve_work"),
+                   lambda message: print(f"[worker {args.worker}] {message}", flush=True),
+                   worker=args.worker)
+    suite.teacher()
+    suite.run(args.phase, args.worker, args.workers)
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, ROOT)
+    _worker_main()

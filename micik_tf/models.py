@@ -42,6 +42,54 @@ def vgg_style(input_shape, num_classes, widths=(64, 64, 128, 128, 256, 256), den
     return keras.Model(inputs, outputs, name=name)
 
 
+# VGG-16's layout in miniature for 28x28 images: conv stages of 1, 2, 3 and 2
+# convolutions, each stage pooled, then VGG's three-layer classifier.
+VGG_COMPACT_STAGES = ((16,), (32, 32), (64, 64, 64), (128, 128))
+VGG_COMPACT_DENSE = 512
+
+
+def vgg_compact(input_shape=(28, 28, 1), num_classes=10, width=1.0, name="vgg_compact", api=None):
+    """VGG-16's shape, small enough to train on 2 CPU cores.
+
+    Four pooled stages of 3x3 convolutions with BatchNorm (16, 32-32,
+    64-64-64, 128-128 channels), global average pooling, and VGG's classifier:
+    two hidden Dense layers of 512 and the logits. As in VGG-16 the first
+    stages hold the computation and the classifier holds most parameters, and
+    layers of one shape repeat (the convolutions of a stage, and the three
+    Dense layers that read 512 features), which is where cross-layer bases can
+    be shared. About 0.95M parameters and 10M multiply-adds per 28x28 image.
+
+    Args:
+        input_shape: `(height, width, channels)`.
+        num_classes: number of logits.
+        width: multiplier of every layer's channels and units (the same-size
+            "thin" baselines).
+        api: the Keras module to build with (default Keras 3); `tf_keras`
+            builds the same network for tensorflow-model-optimization.
+    """
+    api = api or keras
+    inputs = api.Input(input_shape, name="image")
+    x, conv, size = inputs, 0, min(input_shape[:2])
+    for stage, channels in enumerate(VGG_COMPACT_STAGES, start=1):
+        for c in channels:
+            conv += 1
+            x = api.layers.Conv2D(_scaled(c, width), 3, padding="same", use_bias=False,
+                                  name=f"conv{conv}")(x)
+            x = api.layers.BatchNormalization(momentum=0.9, name=f"bn{conv}")(x)
+            x = api.layers.ReLU(name=f"relu{conv}")(x)
+        # A pool is skipped once the map is 1x1, so 8x8 digits work too.
+        if size > 1:
+            x = api.layers.MaxPooling2D(name=f"pool{stage}")(x)
+            size //= 2
+    x = api.layers.GlobalAveragePooling2D(name="gap")(x)
+    for i in (1, 2):
+        x = api.layers.Dense(_scaled(VGG_COMPACT_DENSE, width), activation="relu",
+                             name=f"fc{i}")(x)
+        x = api.layers.Dropout(0.3, name=f"drop{i}")(x)
+    outputs = api.layers.Dense(num_classes, name="logits")(x)
+    return api.Model(inputs, outputs, name=name)
+
+
 # The VGG-16 conv stack (Simonyan & Zisserman 2015, configuration D); "M" is
 # a 2x2 max-pool.
 VGG16_STACK = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M",
@@ -208,6 +256,7 @@ def _googlenet(input_shape, num_classes, width):
 
 # Name -> `fn(input_shape, num_classes, width) -> keras.Model`.
 ARCHITECTURES = {
+    "vgg_compact": lambda s, c, w: vgg_compact(s, c, width=w),
     "vgg_style": _vgg_style,
     "vgg_style_small": _vgg_style_small,
     "cifar_vgg16": _cifar_vgg16,
@@ -216,9 +265,13 @@ ARCHITECTURES = {
 }
 
 
-def build(name, input_shape, num_classes, width=1.0):
+def build(name, input_shape, num_classes, width=1.0, api=None):
     """A reference architecture by name, with every layer's channels scaled by
     `width` (1.0: the published widths).
+
+    Args:
+        api: another Keras module to build with (`tf_keras`); only
+            `vgg_compact` supports it.
 
     Raises:
         ValueError: for an unknown name, naming the known ones.
@@ -227,4 +280,8 @@ def build(name, input_shape, num_classes, width=1.0):
         raise ValueError(
             f"Unknown architecture {name!r}: use one of {', '.join(ARCHITECTURES)}."
         )
+    if api is not None:
+        if name != "vgg_compact":
+            raise ValueError(f"Architecture {name!r} is built with Keras 3 only (api=None).")
+        return vgg_compact(tuple(input_shape), int(num_classes), width=float(width), api=api)
     return ARCHITECTURES[name](tuple(input_shape), int(num_classes), float(width))

@@ -60,6 +60,9 @@ def define_flags():
     flags.DEFINE_integer("min_rank", d.min_rank, "Smallest total rank per compressed layer "
                          "(default: compress()'s, 8 capped at a sixteenth of the smaller "
                          "side). Lower it to reach ratios above 20x on small models.")
+    flags.DEFINE_enum("objective", d.objective, ["log_energy", "sum_error"], "What the rank "
+                      "allocator minimises over the layers' relative errors e: the sum of "
+                      "-log(1 - e) (never starves a layer) or the sum of e.")
     flags.DEFINE_integer("calibration_batches", d.calibration_batches, "Batches for the "
                          "data-aware initialisation and BatchNorm re-estimation (0: off).")
     flags.DEFINE_float("prune_sparsity", d.prune_sparsity, "Magnitude-prune the MICIK factors "
@@ -127,6 +130,8 @@ def config_from_flags():
 
     values = {}
     for field in dataclasses.fields(RunConfig):
+        if field.name not in FLAGS:
+            continue  # settings for programs that run jobs, not for this binary
         value = FLAGS[field.name].value
         values[field.name] = tuple(value) if isinstance(value, list) else value
     return RunConfig(**values)

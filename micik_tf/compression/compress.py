@@ -41,6 +41,7 @@ def compress(
     calibration_data=None,
     calibration_batches=8,
     min_rank=None,
+    objective="log_energy",
     recalibrate_batchnorm=True,
     verbose=1,
     seed=0,
@@ -78,6 +79,9 @@ def compress(
         calibration_batches: how many batches of `calibration_data` to use.
         min_rank: smallest total rank per compressed layer. Default: 8,
             capped at a sixteenth of the layer's smaller side (at least 1).
+        objective: what the allocator minimises over the layers' relative
+            errors `e`: `"log_energy"` (the sum of `-log(1 - e)`, which never
+            starves a layer; the default) or `"sum_error"` (the sum of `e`).
         recalibrate_batchnorm: re-estimate BatchNorm statistics on
             `calibration_data` (when given).
         verbose: 0 silences progress; 1 prints a line per group.
@@ -89,6 +93,7 @@ def compress(
     """
     _check_model(model)
     mode = one_of("mode", mode, MODES)
+    objective = one_of("objective", objective, alloc.OBJECTIVES)
     share = one_of("share", share, SHARE_CHOICES)
     if ranks is None:
         ratio = _check_ratio(DEFAULT_RATIO if ratio is None else ratio)
@@ -155,7 +160,7 @@ def compress(
         budget = params_before / ratio - fixed
         try:
             plan = planning.allocate(
-                grouped, kernels, metrics, budget, mode, min_rank, seed, log
+                grouped, kernels, metrics, budget, mode, min_rank, seed, log, objective
             )
         except planning.Infeasible as error:
             reachable = params_before / (fixed + error.floor)

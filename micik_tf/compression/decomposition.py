@@ -249,6 +249,30 @@ def residual_spectrum(matrix, basis, max_rank, side="input", metric=None, seed=0
     return errors, reference
 
 
+def common_rank_errors(matrix, basis, side="input", metric=None):
+    """Squared error left by the common part alone, for every common rank.
+
+    The basis from `shared_basis` is orthonormal in the (whitened) space the
+    error is measured in: its columns (input side, `P B`) or its rows (output
+    side). So the energy each basis vector captures adds up, and one
+    projection gives the error at every rank `r_c = 0 .. basis rank`.
+
+    Returns:
+        `(errors, reference)`: `errors[r]` is `||P (W - W_hat_r)||^2` with a
+        common part of rank `r`, and `reference` is `||P W||^2`.
+    """
+    whitened = _apply(metric, np.asarray(matrix, dtype=np.float32)).astype(np.float64)
+    reference = float(np.sum(np.square(whitened)))
+    if side == "input":
+        projected = _apply(metric, basis).T.astype(np.float64) @ whitened  # (r, n)
+        captured = np.sum(np.square(projected), axis=1)
+    else:
+        projected = whitened @ np.asarray(basis, dtype=np.float64).T  # (m, r)
+        captured = np.sum(np.square(projected), axis=0)
+    energy = np.concatenate([[0.0], np.cumsum(captured)])
+    return np.maximum(reference - energy, 0.0), reference
+
+
 def relative_error(matrix, approximation):
     matrix = np.asarray(matrix, dtype=np.float64)
     return float(

@@ -113,9 +113,9 @@ class _Layer:
         caps: `{r_c: highest unique rank computed}`.
     """
 
-    def __init__(self, site, side, matrix, metric, min_rank, unique, share, seed):
+    def __init__(self, site, side, matrix, metric, min_rank, unique, share, seed, objective):
         self.site, self.side, self.matrix, self.metric = site, side, matrix, metric
-        self.seed = seed
+        self.seed, self.objective = seed, objective
         m, n = site.m, site.n
         # Beyond m*n/(m+n) a factorization costs more than the dense kernel.
         self.max_rank = min(min(m, n), math.ceil(m * n / (m + n)))
@@ -135,8 +135,19 @@ class _Layer:
         errors, reference = decomposition.residual_spectrum(
             self.matrix, basis, cap, self.side, self.metric, self.seed
         )
-        self.budget.errors[rank_common] = errors / max(reference, 1e-30)
+        self.budget.errors[rank_common] = alloc.layer_cost(errors / max(reference, 1e-30),
+                                                           self.objective)
         self.caps[rank_common] = cap
+
+    def common_curve(self, basis, ranks):
+        """The common part alone at each of `ranks` (no unique part), from one
+        projection on the basis: what common_only mode chooses among."""
+        errors, reference = decomposition.common_rank_errors(
+            self.matrix, basis, self.side, self.metric)
+        for rc in ranks:
+            self.budget.errors[rc] = alloc.layer_cost(errors[rc:rc + 1] / max(reference, 1e-30),
+                                                      self.objective)
+            self.caps[rc] = 0
 
     def at_cap(self, choice):
         if choice == alloc.DENSE:
@@ -175,14 +186,19 @@ class _Group:
         return sum(l.site.n if self.side == "input" else l.site.m for l in self.layers)
 
 
-def allocate(grouped, kernels, metrics, budget, mode, min_rank, seed, log):
+def allocate(grouped, kernels, metrics, budget, mode, min_rank, seed, log,
+             objective="log_energy"):
     """Runs the three steps and returns a `Plan` (see the module docstring).
+
+    Args:
+        objective: the allocator's cost of each layer's relative error, one
+            of `allocation.OBJECTIVES`.
 
     Raises:
         Infeasible: if even the minimum ranks exceed `budget`.
     """
     unique = mode != "common_only"
-    groups = _groups(grouped, kernels, metrics, budget, min_rank, unique, seed)
+    groups = _groups(grouped, kernels, metrics, budget, min_rank, unique, seed, objective)
     per_layer = _per_layer_step(groups, budget, unique, log)
     bases, candidates = {}, {}
     for group in groups:
@@ -196,7 +212,7 @@ def allocate(grouped, kernels, metrics, budget, mode, min_rank, seed, log):
     return Plan([g.name for g in groups], result.rank_common, result.layers, bases)
 
 
-def _groups(grouped, kernels, metrics, budget, min_rank, unique, seed):
+def _groups(grouped, kernels, metrics, budget, min_rank, unique, seed, objective):
     total_size = sum(s.m * s.n for _, members in grouped for s in members)
     groups = []
     for index, (side, members) in enumerate(grouped):
@@ -207,7 +223,8 @@ def _groups(grouped, kernels, metrics, budget, min_rank, unique, seed):
             # The ranks this layer would get if the budget were spread in
             # proportion to the kernels' sizes.
             share = budget * s.m * s.n / total_size / (s.m + s.n)
-            layers.append(_Layer(s, side, kernels[s.name], metric, floor, unique, share, seed))
+            layers.append(_Layer(s, side, kernels[s.name], metric, floor, unique, share, seed,
+                                 objective))
         groups.append(_Group(group_name(index, side, members), side, layers, group_metric))
     return groups
 
@@ -242,15 +259,28 @@ def _common_rank_step(group, per_layer, budget, unique, seed, log):
         spent = sum(l.per_layer_cost(per_layer.layers[l.site.name]) for l in group.layers)
     else:
         spent = budget
+    # Without a per-layer answer to compare with (common_only mode) the
+    # basis is all a group has, so it may take the whole budget.
+    reach = SHARING_REACH if per_layer is not None else 1.0
     rc_max = min(
         group.basis_size, group.coefficient_size,
-        max(1, math.ceil(SHARING_REACH * spent / size)),
+        max(1, math.ceil(reach * spent / size)),
         max(1, int(budget // size)),
     )
-    ranks = sorted({max(1, rc_max >> k) for k in range(CANDIDATES)})
     basis = decomposition.shared_basis(
         [l.matrix for l in group.layers], rc_max, group.side, group.metric, seed
     )
+    if not unique:
+        # Without unique parts the common rank is all a group can spend, and
+        # every rank's error costs one projection: offer them all, so the
+        # budget is met as closely as the model allows.
+        ranks = list(range(1, rc_max + 1))
+        for layer in group.layers:
+            layer.common_curve(basis, ranks)
+        log(f"group {group.name}: {len(group.layers)} layers, common ranks 1..{rc_max}, "
+            f"{time.perf_counter() - tic:.1f}s")
+        return ranks, basis
+    ranks = sorted({max(1, rc_max >> k) for k in range(CANDIDATES)})
     for layer in group.layers:
         cap = 0
         if unique and per_layer is not None:

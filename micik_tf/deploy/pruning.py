@@ -30,7 +30,7 @@ from keras import ops
 from micik_tf.compression.grouping import walk
 from micik_tf.layers import FactorizedConv2D, FactorizedDense, SharedBasis
 from micik_tf.recovery.strategies import in_replica_context
-from micik_tf.validation import fraction, int_at_least, positive_float
+from micik_tf.validation import fraction, int_at_least, one_of, positive_float
 
 FACTOR_NAMES = ("coefficients", "unique_left", "unique_right")
 
@@ -175,14 +175,38 @@ def prunable_variables(model, include_dense_kernels=False):
     return found
 
 
-class MagnitudePruner:
-    """Zeroes the smallest-magnitude entries of each factor variable.
+SCOPES = ("layer", "lamp")
 
-    Each prunable variable (see `prunable_variables`) gets its own mask; at a
-    pruning step, the `round(sparsity * size)` entries of smallest `|w|` are
-    zeroed (ties broken by position, so the result is deterministic and the
-    count exact). Entries zeroed before have magnitude 0 and so stay pruned
-    as the sparsity rises, as in tfmot.
+
+def lamp_scores(weights):
+    """LAMP scores of one variable (Lee et al. 2021, "Layer-adaptive Sparsity
+    for the Magnitude-based Pruning"): each entry's squared magnitude divided
+    by the sum of the squared magnitudes of the entries at least as large.
+
+    The largest entry of every variable scores 1, so pruning by one global
+    threshold on these scores never removes a whole layer, and each layer's
+    sparsity follows how much of its energy the pruned entries hold.
+    """
+    squared = np.square(np.asarray(weights, dtype=np.float64)).ravel()
+    order = np.argsort(squared, kind="stable")
+    sorted_squared = squared[order]
+    at_least = np.cumsum(sorted_squared[::-1])[::-1]  # sum over entries >= each
+    scores = np.empty_like(squared)
+    scores[order] = sorted_squared / np.maximum(at_least, 1e-30)
+    return scores
+
+
+class MagnitudePruner:
+    """Zeroes the smallest-magnitude entries of the prunable variables.
+
+    With `scope="layer"` (tfmot's way) each prunable variable (see
+    `prunable_variables`) is pruned to the schedule's sparsity on its own:
+    at a pruning step, the `round(sparsity * size)` entries of smallest `|w|`
+    are zeroed. With `scope="lamp"` one global threshold on the LAMP scores
+    (`lamp_scores`) zeroes `round(sparsity * total)` entries across all the
+    variables, so each layer gets the sparsity its weights call for. Ties are
+    broken by position, so the result is deterministic and the count exact.
+    Entries zeroed before score 0 and so stay pruned as the sparsity rises.
 
     Unlike tfmot there is nothing to strip: the model holds no wrappers, and
     the zeros live in its ordinary variables, so `.keras` files, exports and
@@ -195,15 +219,18 @@ class MagnitudePruner:
         schedule: a `PolynomialDecay`, a `ConstantSparsity`, or any callable
             `step -> (should_prune, sparsity)`.
         include_dense_kernels: also prune kernels of plain Dense/Conv2D.
+        scope: `"layer"` (every variable to the same sparsity) or `"lamp"`
+            (one global threshold on LAMP scores).
     """
 
-    def __init__(self, model, schedule, include_dense_kernels=False):
+    def __init__(self, model, schedule, include_dense_kernels=False, scope="layer"):
         if not callable(schedule):
             raise ValueError(
                 "Received an invalid value for `schedule`, expected a callable "
                 f"`step -> (should_prune, sparsity)`. Received: schedule={schedule!r}"
             )
         self.schedule = schedule
+        self.scope = one_of("scope", scope, SCOPES)
         self.variables = prunable_variables(model, include_dense_kernels)
         if not self.variables:
             raise ValueError(
@@ -236,12 +263,17 @@ class MagnitudePruner:
     def prune_to(self, sparsity):
         """Applies `sparsity` at once, whatever the schedule says."""
         self._check_context()
-        for name, variable in self.variables:
-            magnitude = np.abs(ops.convert_to_numpy(variable)).ravel()
-            count = int(round(sparsity * magnitude.size))
-            mask = np.ones(magnitude.size, dtype=bool)
-            mask[np.argsort(magnitude, kind="stable")[:count]] = False
-            self.masks[name] = mask.reshape(variable.shape)
+        values = {name: ops.convert_to_numpy(v) for name, v in self.variables}
+        if self.scope == "layer":
+            for name, value in values.items():
+                self.masks[name] = _keep_largest(np.abs(value).ravel(), sparsity).reshape(value.shape)
+        else:
+            scores = [lamp_scores(value) for value in values.values()]
+            keep = _keep_largest(np.concatenate(scores), sparsity)
+            start = 0
+            for (name, value), score in zip(values.items(), scores):
+                self.masks[name] = keep[start:start + score.size].reshape(value.shape)
+                start += score.size
         self.apply()
 
     def masks_from_weights(self):
@@ -282,6 +314,15 @@ class MagnitudePruner:
                 "MagnitudePruner runs in the cross-replica context: call "
                 "update()/apply() after `strategy.run(...)`, not inside it."
             )
+
+
+def _keep_largest(scores, sparsity):
+    """A mask keeping all but the `round(sparsity * size)` lowest scores (the
+    earlier position goes first among equal scores)."""
+    count = int(round(sparsity * scores.size))
+    mask = np.ones(scores.size, dtype=bool)
+    mask[np.argsort(scores, kind="stable")[:count]] = False
+    return mask
 
 
 def sparsity_for_ratio(model, ratio):

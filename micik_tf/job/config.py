@@ -14,6 +14,7 @@ import os
 
 from micik_tf import models
 from micik_tf.compression import MODES as COMPRESSION_MODES
+from micik_tf.compression.allocation import OBJECTIVES
 from micik_tf.compression.grouping import SHARE_CHOICES
 from micik_tf.deploy import FORMATS
 from micik_tf.recovery.pipeline import AUGMENTATIONS, CACHE_CHOICES, DEFAULT_SHUFFLE_BUFFER
@@ -54,6 +55,7 @@ RULES = {
     "mode": (lambda v: v in MODES, f"one of {', '.join(MODES)}"),
     "share": (lambda v: v in SHARE_CHOICES, f"one of {', '.join(SHARE_CHOICES)}"),
     "min_rank": (_optional(lambda v: v >= 1), "an integer >= 1"),
+    "objective": (lambda v: v in OBJECTIVES, f"one of {', '.join(OBJECTIVES)}"),
     "calibration_batches": (lambda v: v >= 0, "an integer >= 0 (0: off)"),
     "prune_sparsity": (lambda v: 0 <= v < 1, "a sparsity in [0, 1) (0: off)"),
     "quantize": (lambda v: v in QUANTIZE_FORMATS, f"one of {', '.join(QUANTIZE_FORMATS)}"),
@@ -135,6 +137,7 @@ class RunConfig:
     mode: str = "micik"
     share: str = "auto"
     min_rank: int | None = None
+    objective: str = "log_energy"
     calibration_batches: int = 8
     prune_sparsity: float = 0.0
     quantize: str = "none"
@@ -163,6 +166,7 @@ class RunConfig:
     checkpoint_every: int = 100
     export: tuple = ("keras",)
     allow_changes: tuple = ()
+    evaluate_teacher: bool = True
     verbose: int = 1
 
     def validate(self):
@@ -189,7 +193,7 @@ class RunConfig:
         contents too, so a file replaced between two runs is noticed.
         """
         excluded = {"model_dir", "strategy", "num_gpus", "tpu", "checkpoint_every",
-                    "export", "allow_changes", "verbose"}
+                    "export", "allow_changes", "evaluate_teacher", "verbose"}
         prints = {f.name: _jsonable(getattr(self, f.name))
                   for f in dataclasses.fields(self) if f.name not in excluded}
         for name in ("teacher", "student"):

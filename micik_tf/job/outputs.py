@@ -51,13 +51,19 @@ def report(config, data, trainer, teacher, workspace, accuracies, history, resum
 
 
 def _compression(config, teacher, student):
-    """The compression record: `micik_tf.report()`, or for the pruning
-    baseline the stored (nonzero) parameters of the pruned teacher copy."""
-    if config.mode != PRUNING_MODE:
-        return compression_report(student, reference=teacher).to_dict()
-    before, stored = int(teacher.count_params()), pruning.stored_parameters(student)
-    return {"params_before": before, "params_after": stored, "ratio": before / max(stored, 1),
-            "groups": [], "layers": [], "untouched": []}
+    """The compression record: `micik_tf.report()` against the teacher (for a
+    student given as a file, e.g. a thin network trained from scratch, it
+    lists no factorized layers), or for the pruning baseline the stored
+    (nonzero) parameters of the pruned teacher copy. Parameters before are
+    always the teacher's."""
+    if config.mode == PRUNING_MODE:
+        record = {"groups": [], "layers": [], "untouched": [],
+                  "params_after": pruning.stored_parameters(student)}
+    else:
+        record = compression_report(student, reference=teacher).to_dict()
+    record["params_before"] = int(teacher.count_params())
+    record["ratio"] = record["params_before"] / max(record["params_after"], 1)
+    return record
 
 
 def export_student(config, student, accuracy, data, workspace, strategy):
@@ -117,7 +123,8 @@ def plot_history(history, teacher_accuracy, path):
         right.plot(epochs, [h.get("val_accuracy") for h in history], marker="o",
                    label="student (val)")
     right.plot(epochs, [h["train_accuracy"] for h in history], marker=".", label="student (train)")
-    right.axhline(teacher_accuracy, color="k", linestyle="--", label="teacher (test)")
+    if teacher_accuracy is not None:
+        right.axhline(teacher_accuracy, color="k", linestyle="--", label="teacher (test)")
     right.set_xlabel("epoch")
     right.set_ylabel("accuracy")
     right.legend()

@@ -13,6 +13,7 @@ write the report.
 import time
 
 from micik_tf import files
+from micik_tf.compression import recalibrate_batchnorm
 from micik_tf.job import outputs
 from micik_tf.job.config import PRUNING_MODE, QAT_FRACTION, UsageError
 from micik_tf.job.data import load_data
@@ -23,6 +24,8 @@ from micik_tf.recovery import strategies
 from micik_tf.recovery.trainer import RecoveryTrainer
 
 HISTORY_FILE = "history.json"
+# Batches of training data that re-estimate BatchNorm statistics.
+BATCHNORM_BATCHES = 8
 
 
 def run(config, strategy=None):
@@ -49,7 +52,9 @@ def run(config, strategy=None):
         student, student_origin = make_student(config, teacher, data, workspace, strategy)
         _log(config, f"student: {student.count_params():,} parameters, {student_origin}")
         trainer = _trainer(config, teacher, student, data, strategy)
-    teacher_accuracy = trainer.evaluate(teacher, data.test)
+    # A caller that knows the teacher's accuracy (a benchmark running many
+    # jobs on one teacher) may skip its evaluation.
+    teacher_accuracy = trainer.evaluate(teacher, data.test) if config.evaluate_teacher else None
     accuracy_before = _accuracy_before(config, trainer, student, data)
     resumed_from, history = _recover(config, trainer, data, workspace)
     student_accuracy = trainer.evaluate(student, data.test)
@@ -84,26 +89,47 @@ def _strategy(config):
 
 def _trainer(config, teacher, student, data, strategy):
     """The recovery trainer, with the pruner and QAT the settings ask for."""
-    from micik_tf.deploy import pruning
     from micik_tf.deploy.quantization import WeightQuantizer
 
     total_steps = data.steps_per_epoch * config.epochs
-    pruner = None
-    if config.mode == PRUNING_MODE or config.prune_sparsity:
-        target = config.prune_sparsity
-        if config.mode == PRUNING_MODE:
-            try:
-                target = pruning.sparsity_for_ratio(student, config.ratio)
-            except ValueError as error:
-                raise UsageError(f"--mode={PRUNING_MODE}: {error}") from None
-        pruner = pruning.MagnitudePruner(student, pruning.gradual_schedule(target, total_steps),
-                                         include_dense_kernels=config.mode == PRUNING_MODE)
+    pruner = _pruner(config, student, total_steps)
     quantizer = None
     if config.quantize == "int8":
         quantizer = WeightQuantizer(student, begin_step=int((1 - QAT_FRACTION) * total_steps) + 1)
+    before_validation = None
+    if config.mode == PRUNING_MODE:
+        # Pruning shifts every pruned layer's outputs; the baseline gets its
+        # BatchNorm statistics re-estimated before each validation, as
+        # compress() does for a factorized student.
+        def before_validation():
+            recalibrate_batchnorm(student, data.calibration, BATCHNORM_BATCHES)
+
     return RecoveryTrainer(teacher, student, strategy, config.recovery_config(), config.model_dir,
                            data.steps_per_epoch, verbose=config.verbose, pruner=pruner,
-                           quantizer=quantizer)
+                           quantizer=quantizer, before_validation=before_validation)
+
+
+def _pruner(config, student, total_steps):
+    """Gradual magnitude pruning during recovery, or None.
+
+    `--prune_sparsity` prunes the MICIK factors, each to that sparsity (as
+    tfmot does). The `magnitude_pruning` baseline prunes the teacher copy's
+    kernels with one global threshold on LAMP scores (layer-normalized
+    magnitudes), down to as many nonzeros as `--ratio` allows.
+    """
+    from micik_tf.deploy import pruning
+
+    if config.mode != PRUNING_MODE and not config.prune_sparsity:
+        return None
+    if config.mode != PRUNING_MODE:
+        return pruning.MagnitudePruner(
+            student, pruning.gradual_schedule(config.prune_sparsity, total_steps))
+    try:
+        target = pruning.sparsity_for_ratio(student, config.ratio)
+    except ValueError as error:
+        raise UsageError(f"--mode={PRUNING_MODE}: {error}") from None
+    return pruning.MagnitudePruner(student, pruning.gradual_schedule(target, total_steps),
+                                   include_dense_kernels=True, scope="lamp")
 
 
 def _accuracy_before(config, trainer, student, data):
@@ -113,6 +139,7 @@ def _accuracy_before(config, trainer, student, data):
         return trainer.evaluate(student, data.test)
     weights = student.get_weights()
     trainer.pruner.prune_to(trainer.pruner.final_sparsity)
+    recalibrate_batchnorm(student, data.calibration, BATCHNORM_BATCHES)
     accuracy = trainer.evaluate(student, data.test)
     student.set_weights(weights)
     trainer.pruner.masks.clear()

@@ -38,7 +38,7 @@ def _compressed(config, teacher, data):
     try:
         return compress(
             teacher, ratio=config.ratio, mode=config.mode, share=config.share,
-            min_rank=config.min_rank,
+            min_rank=config.min_rank, objective=config.objective,
             calibration_data=data.calibration if calibrate else None,
             calibration_batches=max(config.calibration_batches, 1),
             verbose=config.verbose,

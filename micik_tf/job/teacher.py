@@ -51,22 +51,31 @@ def _application(name, config, data):
 
 
 def train_teacher(config, data, workspace, strategy):
-    """Trains `config.teacher_arch` on the run's training split with Adam and a
-    cosine decay, keeps its per-epoch validation accuracy in
-    `teacher_history.json`, and saves it as `teacher.keras`."""
+    """Trains `config.teacher_arch` on the run's training split (`fit_teacher`),
+    keeps its per-epoch validation accuracy in `teacher_history.json`, and
+    saves it as `teacher.keras`."""
     model = models.build(config.teacher_arch, data.source.input_shape, data.source.num_classes)
     train = pipeline.pipeline(data.train, config.batch_size, training=True, seed=config.seed,
                               augment=config.augment, shuffle_buffer=config.shuffle_buffer)
-    steps = config.teacher_epochs * max(1, data.train_size // config.batch_size)
+    history = fit_teacher(model, train, data.validation, config.teacher_epochs,
+                          config.teacher_learning_rate, steps_per_epoch=data.steps_per_epoch,
+                          verbose=config.verbose)
+    if workspace.chief:
+        files.write_json(workspace.path(TEACHER_HISTORY), history)
+    workspace.save_model(model, TEACHER_FILE, strategy)
+    return model
+
+
+def fit_teacher(model, train, validation, epochs, learning_rate, steps_per_epoch, verbose=1):
+    """The teacher recipe: cross-entropy, Adam with a cosine decay from
+    `learning_rate` to 0 over `epochs` (so training ends on a plateau), and
+    the validation accuracy after every epoch. Returns the history dict."""
     model.compile(
-        optimizer=keras.optimizers.Adam(
-            keras.optimizers.schedules.CosineDecay(config.teacher_learning_rate, max(steps, 1))),
+        optimizer=keras.optimizers.Adam(keras.optimizers.schedules.CosineDecay(
+            learning_rate, max(epochs * steps_per_epoch, 1))),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         metrics=["accuracy"],
     )
-    history = model.fit(train, epochs=config.teacher_epochs, validation_data=data.validation,
-                        verbose=2 if config.verbose else 0)
-    if workspace.chief:
-        files.write_json(workspace.path(TEACHER_HISTORY), history.history)
-    workspace.save_model(model, TEACHER_FILE, strategy)
-    return model
+    history = model.fit(train, epochs=epochs, validation_data=validation,
+                        verbose=2 if verbose else 0)
+    return {k: [float(v) for v in values] for k, values in history.history.items()}

@@ -117,16 +117,20 @@ class RecoveryTrainer:
             zero while recovery trains the rest.
         quantizer: optional `micik_tf.quantization.WeightQuantizer`: from its
             `begin_step` on, each step trains on int8-rounded weights (QAT).
+        before_validation: optional `fn()` run before each validation, e.g.
+            to re-estimate BatchNorm statistics after pruning.
     """
 
     def __init__(self, teacher, student, strategy, config, model_dir, steps_per_epoch,
-                 feature_layers=None, verbose=1, pruner=None, quantizer=None):
+                 feature_layers=None, verbose=1, pruner=None, quantizer=None,
+                 before_validation=None):
         self.teacher, self.student, self.strategy = teacher, student, strategy
         self.config, self.model_dir, self.verbose = config, model_dir, verbose
         self.steps_per_epoch = int(steps_per_epoch)
         self.replicas = strategy.num_replicas_in_sync
         self.pruner = pruner
         self.quantizer = quantizer
+        self.before_validation = before_validation
         self.chief = strategies.is_chief(strategy)
         if feature_layers is None:
             feature_layers = losses.similarity_layer_names(teacher, student)
@@ -306,6 +310,8 @@ class RecoveryTrainer:
         while int(self.epoch.numpy()) < self.config.epochs:
             record = self._train_epoch(train_dataset_fn)
             if validation_dataset is not None:
+                if self.before_validation is not None:
+                    self.before_validation()
                 record["val_accuracy"] = self.evaluate(self.student, validation_dataset)
                 record["best_eligible"] = record["step"] >= self.best_from_step
                 with self.writer.as_default(step=record["step"]):
