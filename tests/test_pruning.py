@@ -286,3 +286,41 @@ def test_mirrored_strategy_two_logical_cpus():
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "OK 0.5" in result.stdout
+
+
+# --- inside a compiled step, and LAMP --------------------------------------------------
+
+
+def test_the_compiled_step_prunes_as_the_eager_update_does():
+    schedule = PolynomialDecay(0.0, 0.7, 0, 6, frequency=2)
+    eager_model, graph_model = compressed_stack(), compressed_stack()
+    graph_model.set_weights(eager_model.get_weights())
+    eager = MagnitudePruner(eager_model, schedule)
+    graph = MagnitudePruner(graph_model, schedule)
+    compiled = tf.function(lambda step: graph.step(step))
+    for step in range(8):
+        assert bool(compiled(tf.constant(step, tf.int64))) == eager.update(step)
+        for (name, a), (_, b) in zip(eager.variables, graph.variables):
+            np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=f"{name} at {step}")
+    for name, mask in eager.masks.items():
+        np.testing.assert_array_equal(graph.masks[name], mask)
+
+
+def test_lamp_prunes_one_global_threshold_and_keeps_every_layer():
+    model = compressed_stack()
+    pruner = MagnitudePruner(model, ConstantSparsity(0.9, 0, frequency=1),
+                             include_dense_kernels=True, scope="lamp")
+    sizes = {n: int(np.prod(v.shape)) for n, v in pruner.variables}
+    pruner.update(0)
+    zeros = {n: int(np.sum(v.numpy() == 0)) for n, v in pruner.variables}
+    assert abs(sum(zeros.values()) - 0.9 * sum(sizes.values())) <= 1
+    # Unlike one sparsity per layer, the layers end at different sparsities,
+    # and none is emptied: each keeps at least its largest entry.
+    assert len({round(zeros[n] / sizes[n], 2) for n in sizes}) > 1
+    assert all(zeros[n] < sizes[n] for n in sizes)
+    # LAMP scores: each entry's squared magnitude over the sum of those at
+    # least as large; the largest scores 1.
+    from micik_tf.deploy.pruning import lamp_scores
+
+    scores = lamp_scores(np.array([3.0, -1.0, 2.0])).numpy()
+    np.testing.assert_allclose(scores, [1.0, 1.0 / 14.0, 4.0 / 13.0])

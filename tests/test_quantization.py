@@ -94,3 +94,38 @@ def test_refuses_a_model_without_weights_to_quantize():
     model = keras.Sequential([keras.Input((3,)), keras.layers.ReLU()])
     with pytest.raises(ValueError, match="no Dense, Conv2D or factorized"):
         WeightQuantizer(model)
+
+
+def test_the_graph_rounding_is_the_numpy_grid():
+    import tensorflow as tf
+
+    from micik_tf.deploy.quantization import fake_quantize_tensor
+
+    weights = np.random.default_rng(3).normal(size=(3, 3, 4, 5)).astype("float32")
+    weights[..., 2] = 0.0  # an all-zero channel stays zero
+    np.testing.assert_array_equal(fake_quantize_tensor(tf.constant(weights)).numpy(),
+                                  fake_quantize(weights))
+
+
+def test_the_compiled_step_rounds_and_restores_as_the_eager_calls_do():
+    import tensorflow as tf
+
+    eager_model, graph_model = _compressed(), _compressed()
+    graph_model.set_weights(eager_model.get_weights())
+    eager, graph = WeightQuantizer(eager_model, begin_step=1), WeightQuantizer(graph_model, begin_step=1)
+
+    @tf.function
+    def step(number):
+        rounded = graph.round_weights(number)
+        for v in graph.variables:
+            v.assign_add(tf.fill(v.shape, 0.01))  # what an optimizer step would do
+        graph.restore(rounded)
+
+    for number in (0, 1):
+        eager.before_step(number)
+        for v in eager.variables:
+            v.assign(np.array(v) + 0.01)
+        eager.after_step()
+        step(tf.constant(number, tf.int64))
+        for a, b in zip(eager.variables, graph.variables):
+            np.testing.assert_allclose(np.array(a), np.array(b), atol=1e-6)

@@ -8,16 +8,22 @@ schedule semantics of tensorflow-model-optimization (tfmot), but without its
 wrapper layers: tfmot works on tf_keras only, and its wrappers override
 private Keras internals (see STYLE.md).
 
-Inside a custom loop (e.g. one like `RecoveryTrainer`'s):
+Inside a custom loop's compiled step (as `RecoveryTrainer` does), so that
+pruning costs no round trip to the host:
 
     pruner = MagnitudePruner(student, PolynomialDecay(0.0, 0.8, 0, 1000))
-    for step, (x, y) in enumerate(dataset, start=1):
-        train_step(x, y)       # strategy.run(...) + apply_gradients
-        pruner.update(step)    # new masks on the schedule's steps
-        pruner.apply()         # keeps pruned weights at zero
 
-`update()` and `apply()` run eagerly, in the cross-replica context (outside
-`strategy.run`): assigning to a mirrored variable there updates every replica.
+    @tf.function
+    def train_step(x, y, step):
+        strategy.run(replica_step, args=(x, y))  # forward, backward, apply
+        pruner.step(step)  # new masks on the schedule's steps; zeros kept
+
+The masks are variables beside the model (not Keras weights of it); the
+schedule, the ranking and the masking are TensorFlow ops, so `step()` traces
+into the step. Outside a compiled step, `update(step)`, `prune_to(sparsity)`
+and `apply()` do the same eagerly. All of them run in the cross-replica
+context (outside `strategy.run`): assigning to a mirrored variable there
+updates every replica.
 """
 
 import numbers
@@ -25,6 +31,7 @@ import numbers
 import numpy as np
 
 import keras
+import tensorflow as tf
 from keras import ops
 
 from micik_tf.compression.grouping import walk
@@ -70,6 +77,16 @@ class _Schedule:
         """Returns `(should_prune, sparsity)` for a global step."""
         return self.should_prune(step), self.sparsity(int(step))
 
+    def tensors(self, step):
+        """`(should_prune, sparsity)` as TensorFlow tensors of a step tensor,
+        with the same values as `__call__`, for use inside a compiled step."""
+        step = tf.cast(step, tf.int64)
+        in_range = step >= self.begin_step
+        if self.end_step != -1:
+            in_range = tf.logical_and(in_range, step <= self.end_step)
+        due = tf.equal(tf.math.floormod(step - self.begin_step, self.frequency), 0)
+        return tf.logical_and(in_range, due), self.sparsity_tensor(step)
+
 
 class PolynomialDecay(_Schedule):
     """Sparsity rising from `initial_sparsity` to `final_sparsity` (tfmot's).
@@ -104,6 +121,12 @@ class PolynomialDecay(_Schedule):
             + (self.initial_sparsity - self.final_sparsity) * (1.0 - p) ** self.power
         )
 
+    def sparsity_tensor(self, step):
+        p = tf.cast(step - self.begin_step, tf.float64) / (self.end_step - self.begin_step)
+        p = tf.clip_by_value(p, 0.0, 1.0)
+        return self.final_sparsity + (
+            self.initial_sparsity - self.final_sparsity) * (1.0 - p) ** self.power
+
 
 class ConstantSparsity(_Schedule):
     """One sparsity, re-applied every `frequency` steps (tfmot's).
@@ -121,6 +144,9 @@ class ConstantSparsity(_Schedule):
 
     def sparsity(self, step):
         return self.target_sparsity
+
+    def sparsity_tensor(self, step):
+        return tf.constant(self.target_sparsity, tf.float64)
 
 
 # Gradual pruning during recovery (`gradual_schedule`): the sparsity rises over
@@ -181,19 +207,19 @@ SCOPES = ("layer", "lamp")
 def lamp_scores(weights):
     """LAMP scores of one variable (Lee et al. 2021, "Layer-adaptive Sparsity
     for the Magnitude-based Pruning"): each entry's squared magnitude divided
-    by the sum of the squared magnitudes of the entries at least as large.
+    by the sum of the squared magnitudes of the entries at least as large,
+    as a flat float64 tensor.
 
     The largest entry of every variable scores 1, so pruning by one global
     threshold on these scores never removes a whole layer, and each layer's
     sparsity follows how much of its energy the pruned entries hold.
     """
-    squared = np.square(np.asarray(weights, dtype=np.float64)).ravel()
-    order = np.argsort(squared, kind="stable")
-    sorted_squared = squared[order]
-    at_least = np.cumsum(sorted_squared[::-1])[::-1]  # sum over entries >= each
-    scores = np.empty_like(squared)
-    scores[order] = sorted_squared / np.maximum(at_least, 1e-30)
-    return scores
+    squared = tf.reshape(tf.square(tf.cast(weights, tf.float64)), [-1])
+    order = tf.argsort(squared, stable=True)
+    ascending = tf.gather(squared, order)
+    at_least = tf.reverse(tf.cumsum(tf.reverse(ascending, [0])), [0])
+    return tf.scatter_nd(order[:, None], ascending / tf.maximum(at_least, 1e-30),
+                         tf.shape(squared, out_type=order.dtype))
 
 
 class MagnitudePruner:
@@ -210,14 +236,16 @@ class MagnitudePruner:
 
     Unlike tfmot there is nothing to strip: the model holds no wrappers, and
     the zeros live in its ordinary variables, so `.keras` files, exports and
-    gzip pick them up directly. The masks are numpy arrays held here, never
+    gzip pick them up directly. The masks are variables of this object, never
     Keras weights of the model; after a restart, `masks_from_weights()`
-    rebuilds them from the zeros in a restored checkpoint.
+    rebuilds them from the zeros in a restored checkpoint. Create the pruner
+    under the model's `strategy.scope()`.
 
     Args:
         model: a built model (e.g. from `micik_tf.compress()`).
-        schedule: a `PolynomialDecay`, a `ConstantSparsity`, or any callable
-            `step -> (should_prune, sparsity)`.
+        schedule: a `PolynomialDecay` or a `ConstantSparsity` (for `step()`
+            inside a compiled step), or any callable
+            `step -> (should_prune, sparsity)` (for `update()` only).
         include_dense_kernels: also prune kernels of plain Dense/Conv2D.
         scope: `"layer"` (every variable to the same sparsity) or `"lamp"`
             (one global threshold on LAMP scores).
@@ -238,16 +266,18 @@ class MagnitudePruner:
                 "SharedBasis or factorized layer (compress it first, or pass "
                 "include_dense_kernels=True)."
             )
-        self.masks = {}
+        # 1 keeps an entry, 0 prunes it; `_pruned` says whether any mask is set.
+        self._masks = [tf.Variable(tf.ones(v.shape, v.dtype), trainable=False,
+                                   name=f"mask_{i}") for i, (_, v) in enumerate(self.variables)]
+        self._pruned = tf.Variable(False, trainable=False, name="pruned")
 
-    def update(self, step):
-        """Recomputes the masks and applies them if the schedule prunes at
-        `step`. Returns whether it pruned."""
-        should_prune, sparsity = self.schedule(int(step))
-        if not should_prune:
-            return False
-        self.prune_to(sparsity)
-        return True
+    @property
+    def masks(self):
+        """`{variable name: boolean numpy mask}` (True keeps), once pruning has
+        begun; empty before."""
+        if not bool(self._pruned.numpy()):
+            return {}
+        return {name: mask.numpy() != 0 for (name, _), mask in zip(self.variables, self._masks)}
 
     @property
     def final_sparsity(self):
@@ -260,38 +290,50 @@ class MagnitudePruner:
         """The step from which the schedule's final sparsity holds (0 if unknown)."""
         return max(getattr(self.schedule, "end_step", 0), 0)
 
+    def step(self, step):
+        """Inside a compiled step: new masks if the schedule prunes at `step`
+        (a tensor), then the masks applied. Returns whether it pruned."""
+        if not hasattr(self.schedule, "tensors"):
+            raise TypeError("step() needs a PolynomialDecay or ConstantSparsity schedule; "
+                            "call update() eagerly with other schedules.")
+        should_prune, sparsity = self.schedule.tensors(step)
+        tf.cond(should_prune, lambda: self._set_masks(sparsity), lambda: tf.constant(False))
+        self._apply()
+        return should_prune
+
+    def update(self, step):
+        """Eagerly: recomputes and applies the masks if the schedule prunes at
+        `step`. Returns whether it pruned."""
+        should_prune, sparsity = self.schedule(int(step))
+        if not should_prune:
+            return False
+        self.prune_to(sparsity)
+        return True
+
     def prune_to(self, sparsity):
         """Applies `sparsity` at once, whatever the schedule says."""
         self._check_context()
-        values = {name: ops.convert_to_numpy(v) for name, v in self.variables}
-        if self.scope == "layer":
-            for name, value in values.items():
-                self.masks[name] = _keep_largest(np.abs(value).ravel(), sparsity).reshape(value.shape)
-        else:
-            scores = [lamp_scores(value) for value in values.values()]
-            keep = _keep_largest(np.concatenate(scores), sparsity)
-            start = 0
-            for (name, value), score in zip(values.items(), scores):
-                self.masks[name] = keep[start:start + score.size].reshape(value.shape)
-                start += score.size
-        self.apply()
+        self._set_masks(tf.constant(sparsity, tf.float64))
+        self._apply()
 
     def masks_from_weights(self):
         """Sets each mask to the nonzero pattern of its variable (to resume
         pruning after restoring a checkpoint)."""
-        for name, variable in self.variables:
-            self.masks[name] = ops.convert_to_numpy(variable) != 0
+        for (_, variable), mask in zip(self.variables, self._masks):
+            mask.assign(tf.cast(tf.not_equal(variable, 0), mask.dtype))
+        self._pruned.assign(True)
+
+    def reset(self):
+        """Forgets the masks (every entry kept until the next pruning step)."""
+        for mask in self._masks:
+            mask.assign(tf.ones_like(mask))
+        self._pruned.assign(False)
 
     def apply(self):
         """Multiplies each variable by its mask; call after every optimizer
         step so that pruned weights stay zero."""
         self._check_context()
-        for name, variable in self.variables:
-            mask = self.masks.get(name)
-            if mask is not None:
-                variable.assign(
-                    ops.multiply(variable, ops.cast(mask, variable.dtype))
-                )
+        self._apply()
 
     def sparsity(self):
         """Fraction of exact zeros, read from the variables themselves.
@@ -308,6 +350,24 @@ class MagnitudePruner:
             zeros, total = zeros + z, total + value.size
         return {"overall": zeros / total, "variables": per_variable}
 
+    def _set_masks(self, sparsity):
+        if self.scope == "layer":
+            for (_, variable), mask in zip(self.variables, self._masks):
+                keep = _keep_largest(tf.reshape(tf.abs(variable), [-1]), sparsity)
+                mask.assign(tf.reshape(tf.cast(keep, mask.dtype), tf.shape(mask)))
+        else:
+            scores = [lamp_scores(variable) for _, variable in self.variables]
+            keep = _keep_largest(tf.concat(scores, axis=0), sparsity)
+            for mask, part in zip(self._masks, tf.split(keep, [int(np.prod(m.shape))
+                                                               for m in self._masks])):
+                mask.assign(tf.reshape(tf.cast(part, mask.dtype), tf.shape(mask)))
+        self._pruned.assign(True)
+        return tf.constant(True)
+
+    def _apply(self):
+        for (_, variable), mask in zip(self.variables, self._masks):
+            variable.assign(variable * mask)
+
     def _check_context(self):
         if in_replica_context():
             raise RuntimeError(
@@ -317,12 +377,13 @@ class MagnitudePruner:
 
 
 def _keep_largest(scores, sparsity):
-    """A mask keeping all but the `round(sparsity * size)` lowest scores (the
-    earlier position goes first among equal scores)."""
-    count = int(round(sparsity * scores.size))
-    mask = np.ones(scores.size, dtype=bool)
-    mask[np.argsort(scores, kind="stable")[:count]] = False
-    return mask
+    """A boolean tensor keeping all but the `round(sparsity * size)` lowest
+    scores (the earlier position goes first among equal scores)."""
+    size = tf.size(scores)
+    count = tf.cast(tf.round(tf.cast(sparsity, tf.float64) * tf.cast(size, tf.float64)), tf.int32)
+    dropped = tf.argsort(scores, stable=True)[:count]
+    return tf.tensor_scatter_nd_update(tf.ones([size], tf.bool), dropped[:, None],
+                                       tf.zeros([count], tf.bool))
 
 
 def sparsity_for_ratio(model, ratio):

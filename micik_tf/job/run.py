@@ -142,7 +142,7 @@ def _accuracy_before(config, trainer, student, data):
     recalibrate_batchnorm(student, data.calibration, BATCHNORM_BATCHES)
     accuracy = trainer.evaluate(student, data.test)
     student.set_weights(weights)
-    trainer.pruner.masks.clear()
+    trainer.pruner.reset()
     return accuracy
 
 

@@ -30,6 +30,9 @@ from micik_tf import files
 from micik_tf.recovery import evaluation, losses, strategies
 
 COMPONENTS = ("loss", "ce", "kd", "sim", "inh")
+# Steps between reads of the running losses for the progress bar and
+# TensorBoard (each read waits for the device).
+LOG_EVERY = 20
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("cosine", "constant")
 
@@ -173,6 +176,10 @@ class RecoveryTrainer:
             tf.summary.create_file_writer(os.path.join(model_dir, "logs"))
             if self.chief else tf.summary.create_noop_writer()
         )
+        # Per-epoch sums of the step's logs, accumulated on the device: the
+        # host reads them only to show progress, not after every step.
+        self._sums = {k: tf.Variable(0.0, trainable=False, name=f"sum_{k}")
+                      for k in COMPONENTS + ("correct", "count")}
         self._train_step = self._make_train_step()
         self._eval_steps = {}
 
@@ -232,9 +239,21 @@ class RecoveryTrainer:
             return logs
 
         @tf.function
-        def train_step(x, y):
+        def train_step(x, y, step):
+            # Pruning and QAT are TensorFlow ops on the variables, here in the
+            # compiled step (cross-replica context, so one assignment updates
+            # every replica): nothing goes to the host between steps.
+            rounded = self.quantizer.round_weights(step) if self.quantizer else None
             logs = self.strategy.run(replica_step, args=(x, y))
-            return {k: self.strategy.reduce("SUM", v, axis=None) for k, v in logs.items()}
+            if self.quantizer is not None:
+                # Before the pruner: it ranks the float weights.
+                self.quantizer.restore(rounded)
+            if self.pruner is not None:
+                self.pruner.step(step)
+            for key, value in logs.items():
+                self._sums[key].assign_add(self.strategy.reduce("SUM", value, axis=None))
+            self.step.assign_add(1)
+            self.batch.assign_add(1)
 
         return train_step
 
@@ -337,6 +356,7 @@ class RecoveryTrainer:
         """Runs the rest of the current epoch; returns its record."""
         config = self.config
         epoch, skip = int(self.epoch.numpy()), int(self.batch.numpy())
+        step = int(self.step.numpy())
         dataset = train_dataset_fn(epoch).skip(skip)
         bar = None
         if self.verbose and self.chief:
@@ -344,42 +364,41 @@ class RecoveryTrainer:
                                       stateful_metrics=COMPONENTS + ("acc", "ex/s"))
             print(f"Epoch {epoch + 1}/{config.epochs}"
                   + (f" (resuming at batch {skip})" if skip else ""))
-        sums = {k: 0.0 for k in COMPONENTS + ("correct", "count")}
+        for total in self._sums.values():
+            total.assign(0.0)
         steps, tic = 0, time.perf_counter()
         for x, y in self.strategy.experimental_distribute_dataset(dataset):
-            step = int(self.step.numpy()) + 1
-            if self.quantizer is not None:
-                self.quantizer.before_step(step)
-            logs = self._train_step(x, y)
-            if self.quantizer is not None:
-                # Before the pruner: it ranks the float weights.
-                self.quantizer.after_step()
-            logs = {k: float(v) for k, v in logs.items()}
-            for k in sums:
-                sums[k] += logs[k]
+            step += 1
             steps += 1
-            self.step.assign_add(1)
-            self.batch.assign_add(1)
-            if self.pruner is not None and not self.pruner.update(step):
-                self.pruner.apply()
-            rate = sums["count"] / max(time.perf_counter() - tic, 1e-9)
-            if bar is not None:
-                bar.update(skip + steps, [(k, sums[k] / steps) for k in COMPONENTS]
-                           + [("acc", sums["correct"] / sums["count"]), ("ex/s", rate)])
-            with self.writer.as_default(step=step):
-                for k in COMPONENTS:
-                    tf.summary.scalar(f"train/{k}", logs[k])
-                tf.summary.scalar("train/examples_per_second", rate)
+            self._train_step(x, y, tf.constant(step, tf.int64))
+            if steps % LOG_EVERY == 0:
+                self._log_progress(bar, skip + steps, steps, step, tic)
             if step % config.checkpoint_every == 0:
                 self.manager.save(checkpoint_number=step)
+        means = self._log_progress(bar, skip + steps, steps, step, tic)
         return {
             "epoch": epoch + 1,
             "step": int(self.step.numpy()),
-            **{k: sums[k] / max(steps, 1) for k in COMPONENTS},
-            "train_accuracy": sums["correct"] / max(sums["count"], 1.0),
-            "examples_per_second": sums["count"] / max(time.perf_counter() - tic, 1e-9),
+            **{k: means[k] for k in COMPONENTS},
+            "train_accuracy": means["acc"],
+            "examples_per_second": means["ex/s"],
             "partial_epoch": bool(skip),
         }
+
+    def _log_progress(self, bar, position, steps, step, tic):
+        """Reads the epoch's sums (one sync with the device), updates the bar
+        and TensorBoard, and returns the means so far."""
+        sums = {k: float(v.numpy()) for k, v in self._sums.items()}
+        means = {k: sums[k] / max(steps, 1) for k in COMPONENTS}
+        means["acc"] = sums["correct"] / max(sums["count"], 1.0)
+        means["ex/s"] = sums["count"] / max(time.perf_counter() - tic, 1e-9)
+        if bar is not None and steps:
+            bar.update(position, list(means.items()))
+        with self.writer.as_default(step=step):
+            for k in COMPONENTS:
+                tf.summary.scalar(f"train/{k}", means[k])
+            tf.summary.scalar("train/examples_per_second", means["ex/s"])
+        return means
 
     def save_best(self):
         """Saves the student's weights as the best so far, atomically: a kill
