@@ -26,6 +26,8 @@ setup(
         # tf.summary needs it; TF 2.21 no longer installs it.
         "tensorboard>=2.19",
         "numpy>=1.26",
+        # Cholesky factors and triangular solves of calibration covariances.
+        "scipy>=1.10",
     ],
     extras_require={
         "test": ["pytest>=8", "scikit-learn>=1.4", "ai-edge-litert>=1.2", "matplotlib>=3.8"],

@@ -424,3 +424,60 @@ def test_a_model_saved_before_the_layout_change_still_loads():
     assert len(bases) == 1
     rep = micik_tf.report(model)
     assert sorted(rep.groups[0]["members"]) == ["c2", "c3"]
+
+
+# --- calibration in bounded memory -------------------------------------------------
+
+
+@pytest.mark.parametrize("padding, strides, dilation", [("same", 1, 1), ("valid", 2, 1),
+                                                          ("same", 2, 1), ("same", 1, 2)])
+def test_sampled_calibration_rows_are_the_layer_patches(padding, strides, dilation):
+    """Rows are cut only at sampled positions; each is a row of the full patch
+    matrix that `x W` would multiply."""
+    from micik_tf.compression import calibration
+    from micik_tf.compression.grouping import find_sites
+
+    inputs = keras.Input((9, 9, 3))
+    outputs = keras.layers.Conv2D(4, 3, strides=strides, dilation_rate=dilation,
+                                  padding=padding, name="c")(inputs)
+    site = find_sites(keras.Model(inputs, outputs))[0][0]
+    x = np.random.default_rng(0).normal(size=(2, 9, 9, 3)).astype("float32")
+    full = keras.ops.convert_to_numpy(keras.ops.image.extract_patches(
+        x, size=(3, 3), strides=(strides, strides), dilation_rate=(dilation, dilation),
+        padding=padding))
+    per_image = full.shape[1] * full.shape[2]
+    rows = calibration.sampled_rows(site, x, 5, np.random.default_rng(1))
+    assert rows.shape == (2 * min(5, per_image), 27)
+    for i, row in enumerate(rows):
+        candidates = full[i // min(5, per_image)].reshape(-1, 27)
+        assert np.min(np.max(np.abs(candidates - row), axis=1)) < 1e-6
+
+
+def test_calibration_refuses_nan_inputs_in_one_line():
+    model = branchy_cnn()
+    bad = images(8)
+    bad[3, 2, 2, 1] = np.nan
+    with pytest.raises(ValueError, match=r"calibration_data` holds NaN or infinite values"):
+        micik_tf.compress(model, ratio=2.0, calibration_data=bad, verbose=0)
+
+
+def test_wide_layers_fall_back_to_a_diagonal_covariance_and_the_report_says_so(monkeypatch):
+    from micik_tf.compression import calibration
+
+    model = branchy_cnn()
+    monkeypatch.setattr(calibration, "FULL_COVARIANCE_MAX", 60)  # d1 (m = 32) keeps full
+    compressed = micik_tf.compress(model, ratio=2.0, calibration_data=images(16), verbose=0)
+    initialization = {l["name"]: l["initialization"] for l in micik_tf.report(compressed).layers}
+    assert initialization["d1"] == "outputs"
+    assert {initialization[n] for n in initialization if n.startswith("c")} <= {"outputs_diagonal"}
+    assert micik_tf.report(micik_tf.compress(model, ratio=2.0, verbose=0)).layers[0][
+        "initialization"] == "weights"
+
+
+def test_timings_name_every_step():
+    timings = {}
+    micik_tf.compress(branchy_cnn(), ratio=2.0, calibration_data=images(8), verbose=0,
+                      timings=timings)
+    assert {"calibration", "per_layer_spectra", "common_ranks", "allocation",
+            "building"} <= set(timings)
+    assert all(seconds >= 0 for seconds in timings.values())

@@ -46,7 +46,7 @@ def test_spectrum_predicts_the_factorization_error(with_metric):
         x = rng.standard_normal((500, 30)) @ rng.standard_normal((30, 30))
         metric = dec.InputMetric.from_covariance(x.T @ x / 500)
     basis = dec.shared_basis([w, _decaying(30, 20, 5)], 4, "input", metric)
-    errors, reference = dec.residual_spectrum(w, basis, 10, "input", metric)
+    errors, reference, _ = dec.residual_spectrum(w, basis, 10, "input", metric)
     for rank in (0, 3, 10):
         approx = dec.factorize(w, rank, basis, "input", metric).approximation
         diff = w - approx

@@ -59,25 +59,87 @@ def as_batches(data, max_batches, input_rank=None, batch_size=DEFAULT_BATCH_SIZE
         yield array[i : i + batch_size]
 
 
-def collect_covariances(model, sites, data, max_batches=8, max_rows=2048, max_size=4608, seed=0):
-    """Input covariances `X^T X / N` of `sites`, on calibration batches.
+# Images the extractor runs at once, whatever the user's batch size: the
+# activations of every compressed layer's input for a chunk are held
+# together, so this bounds the memory (about 40 MB per 224x224 image on
+# VGG-16).
+CHUNK = 8
+# Rows (patch positions, or examples of a Dense layer) sampled per image and
+# layer. Positions are drawn before any patch is cut, so memory does not
+# depend on the image size; the covariances are running sums.
+ROWS_PER_IMAGE = 64
+# Layers with more kernel rows `m` than this keep only the diagonal of their
+# input covariance (an `m x m` float64 matrix at m = 25088, VGG-16's fc6,
+# would take 5 GB).
+FULL_COVARIANCE_MAX = 4608
+
+
+def collect_covariances(model, sites, data, max_batches=8, rows_per_image=ROWS_PER_IMAGE,
+                        full_max=None, seed=0):
+    """Input covariances `X^T X / N` of `sites`, streamed over calibration data.
+
+    Each batch is run in chunks of `CHUNK` images through a copy of the model
+    that returns every site's input; per image and site, `rows_per_image`
+    rows are sampled (patch positions are drawn first, then only those
+    patches are cut) and added to a running sum. Memory is therefore bounded
+    by the chunk and the covariances, not by the number of images.
 
     Args:
         model: the original (uncompressed) model; it is not called, a copy is.
         sites: the `Site`s whose inputs to measure.
         data: calibration inputs (see `as_batches`).
         max_batches: batches to use.
-        max_rows: rows (patches) sampled per batch and site, to bound memory.
-        max_size: sites with more kernel rows `m` than this get no covariance
-            (an `m x m` matrix would be too large); they fall back to the
-            weight-space initialisation.
+        rows_per_image: rows sampled per image and site.
+        full_max: sites with more kernel rows `m` get the diagonal only
+            (default `FULL_COVARIANCE_MAX`).
 
     Returns:
-        `{site name: covariance (m x m float64)}`.
+        `{site name: covariance}`: `m x m` (float64), or the `m` variances
+        for a site wider than `full_max`.
+
+    Raises:
+        ValueError: if the data holds NaN or infinite values.
     """
-    wanted = {s.name: s for s in sites if s.m <= max_size}
-    if not wanted:
-        return {}
+    full_max = FULL_COVARIANCE_MAX if full_max is None else full_max
+    wanted = {s.name: s for s in sites}
+    probe, records, extractors = _extractors(model, wanted)
+    sums = {name: 0.0 for name in wanted}
+    counts = {name: 0 for name in wanted}
+    rng = np.random.default_rng(seed)
+
+    def run(owner, inputs):
+        outputs = extractors[owner](inputs, training=False)
+        if not isinstance(outputs, (list, tuple)):
+            outputs = [outputs]
+        for (kind, key, _), value in zip(records[owner], outputs):
+            value = keras.ops.convert_to_numpy(value)
+            if kind == "model":
+                if key in extractors:
+                    run(key, value)
+                continue
+            rows = sampled_rows(wanted[key], value, rows_per_image, rng).astype(np.float32)
+            if wanted[key].m > full_max:
+                sums[key] = sums[key] + np.sum(np.square(rows, dtype=np.float64), axis=0)
+            else:
+                # float32 products, float64 running sums: half the cost of the
+                # largest step without losing precision over many batches.
+                sums[key] = sums[key] + (rows.T @ rows).astype(np.float64)
+            counts[key] += len(rows)
+
+    for index, batch in enumerate(as_batches(data, max_batches, len(model.inputs[0].shape))):
+        if np.issubdtype(batch.dtype, np.floating) and not np.all(np.isfinite(batch)):
+            raise ValueError(
+                f"`calibration_data` holds NaN or infinite values (batch {index}). Pass "
+                "finite model inputs, as the model takes them (e.g. training images)."
+            )
+        for start in range(0, len(batch), CHUNK):
+            run((), batch[start:start + CHUNK])
+    return {name: sums[name] / counts[name] for name in wanted if counts[name]}
+
+
+def _extractors(model, wanted):
+    """A copy of `model` and, per (nested) model, a Keras model returning the
+    inputs of the wanted sites (and of nested models holding some)."""
     records, pairs, nested = {}, [], {}
 
     def make_layer(layer, path):
@@ -102,33 +164,7 @@ def collect_covariances(model, sites, data, max_batches=8, max_rows=2048, max_si
         owner: keras.Model(_single_input(nested[owner]), [t for *_, t in items])
         for owner, items in records.items()
     }
-    sums = {name: 0.0 for name in wanted}
-    counts = {name: 0 for name in wanted}
-    rng = np.random.default_rng(seed)
-
-    def run(owner, inputs):
-        outputs = extractors[owner](inputs, training=False)
-        if not isinstance(outputs, (list, tuple)):
-            outputs = [outputs]
-        for (kind, key, _), value in zip(records[owner], outputs):
-            value = keras.ops.convert_to_numpy(value)
-            if kind == "model":
-                if key in extractors:
-                    run(key, value)
-                continue
-            rows = _input_rows(wanted[key], value)
-            if len(rows) > max_rows:
-                rows = rows[rng.choice(len(rows), max_rows, replace=False)]
-            rows = rows.astype(np.float32)
-            # float32 products, float64 running sums: half the cost of the
-            # largest step (a 4608-wide Gram per batch on VGG-16) without
-            # losing precision over many batches.
-            sums[key] = sums[key] + (rows.T @ rows).astype(np.float64)
-            counts[key] += len(rows)
-
-    for batch in as_batches(data, max_batches, len(model.inputs[0].shape)):
-        run((), batch)
-    return {name: sums[name] / counts[name] for name in wanted if counts[name]}
+    return probe, records, extractors
 
 
 def _single_input(model):
@@ -141,19 +177,41 @@ def _single_input(model):
     return model.inputs[0]
 
 
-def _input_rows(site, value):
-    """The rows `x` of the site's input with `y = x W`: features or patches."""
+def sampled_rows(site, value, per_image, rng):
+    """Up to `per_image` rows per example of the site's input `x` (with
+    `y = x W`): features of a Dense layer, patches of a Conv2D.
+
+    For a convolution the output positions are drawn first and only their
+    `k x k x C` patches are gathered, from the input padded as the layer pads
+    it, so no tensor of all the patches is ever built.
+    """
     if site.kind == "dense":
-        return value.reshape(-1, site.m)
+        rows = value.reshape(-1, site.m)
+        if len(rows) > per_image * len(value):
+            rows = rows[rng.choice(len(rows), per_image * len(value), replace=False)]
+        return rows
     layer = site.layer
-    patches = keras.ops.image.extract_patches(
-        value,
-        size=tuple(layer.kernel_size),
-        strides=tuple(layer.strides),
-        dilation_rate=tuple(layer.dilation_rate),
-        padding=layer.padding,
-    )
-    return keras.ops.convert_to_numpy(patches).reshape(-1, site.m)
+    batch, height, width, _ = value.shape
+    (kh, kw), (sh, sw) = layer.kernel_size, layer.strides
+    dh, dw = layer.dilation_rate
+    span_h, span_w = (kh - 1) * dh + 1, (kw - 1) * dw + 1
+    if layer.padding == "same":
+        out_h, out_w = -(-height // sh), -(-width // sw)
+        pad_h = max((out_h - 1) * sh + span_h - height, 0)
+        pad_w = max((out_w - 1) * sw + span_w - width, 0)
+        value = np.pad(value, ((0, 0), (pad_h // 2, pad_h - pad_h // 2),
+                               (pad_w // 2, pad_w - pad_w // 2), (0, 0)))
+    else:
+        out_h, out_w = (height - span_h) // sh + 1, (width - span_w) // sw + 1
+    count = min(per_image, out_h * out_w)
+    image = np.repeat(np.arange(batch), count)
+    position = np.concatenate([rng.choice(out_h * out_w, count, replace=False)
+                               for _ in range(batch)])
+    top, left = (position // out_w) * sh, (position % out_w) * sw
+    rows_h = top[:, None] + (np.arange(kh) * dh)[None, :]  # (r, kh)
+    rows_w = left[:, None] + (np.arange(kw) * dw)[None, :]  # (r, kw)
+    patches = value[image[:, None, None], rows_h[:, :, None], rows_w[:, None, :], :]
+    return patches.reshape(len(image), site.m)  # (r, kh, kw, C) in the kernel's order
 
 
 def recalibrate_batchnorm(model, data, max_batches=8):

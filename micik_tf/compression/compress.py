@@ -1,5 +1,6 @@
 """`compress()`: a trained Keras model in, a new MICIK-compressed model out."""
 
+import contextlib
 import math
 import sys
 import time
@@ -45,6 +46,7 @@ def compress(
     recalibrate_batchnorm=True,
     verbose=1,
     seed=0,
+    timings=None,
 ):
     """Compresses a Keras model with MICIK's shared + unique factorization.
 
@@ -86,6 +88,9 @@ def compress(
             `calibration_data` (when given).
         verbose: 0 silences progress; 1 prints a line per group.
         seed: seed of the randomized SVD.
+        timings: optional dict, filled with the seconds each step took
+            (`calibration`, `per_layer_spectra`, `common_ranks`, `allocation`,
+            `building`), to see where the time goes.
 
     Returns:
         A new `keras.Model` (Functional). The names of compressed layers are
@@ -103,8 +108,51 @@ def compress(
             f"(explicit ranks), not both. Received: ratio={ratio!r}, ranks=..."
         )
     log = _Progress(verbose)
+    clock = _Clock(timings)
     start = time.perf_counter()
+    sites, untouched, grouped = _select(model, mode, share, groups, exclude, ranks)
+    params_before = int(model.count_params())
+    fixed = params_before - sum(s.m * s.n for s in sites)
+    covariances = {}
+    if calibration_data is not None:
+        log(f"calibrating {len(sites)} layers on up to {calibration_batches} batches")
+        with clock("calibration"):
+            covariances = calibration.collect_covariances(
+                model, sites, calibration_data, max_batches=calibration_batches, seed=seed)
+    kernels = {s.name: decomposition.kernel_matrix(s.kernel()) for s in sites}
+    # Whitening metrics per group (a Cholesky factor each): computed once,
+    # used by the error curves and by the final factorization.
+    metrics = [planning.group_metrics(side, m, covariances) for side, m in grouped]
+    if ranks is not None:
+        plan = planning.explicit(grouped, _check_ranks(ranks, sites))
+    else:
+        plan = _allocate(grouped, kernels, metrics, params_before, fixed, ratio, mode,
+                         min_rank, seed, log, objective, clock)
+    with clock("building"):
+        new_model, reasons = _build(model, grouped, plan, kernels, metrics, untouched, seed)
+    if calibration_data is not None and recalibrate_batchnorm:
+        with clock("batchnorm"):
+            calibration.recalibrate_batchnorm(new_model, calibration_data, calibration_batches)
+    kept = [f"{name} ({why})" for name, why in reasons.items()
+            if why in (KEPT_DENSE, EXCLUDED, NOT_RANKED)]
+    if kept:
+        log("left whole: " + "; ".join(kept))
+    fallbacks = [s.name for s in sites if covariances.get(s.name) is not None
+                 and covariances[s.name].ndim == 1]
+    if fallbacks:
+        log(f"diagonal input covariance (wider than {calibration.FULL_COVARIANCE_MAX} "
+            f"inputs): {', '.join(fallbacks)}")
+    params_after = int(new_model.count_params())
+    log(
+        f"done in {time.perf_counter() - start:.1f}s: {params_before:,} -> "
+        f"{params_after:,} parameters ({params_before / params_after:.2f}x)"
+    )
+    return new_model
 
+
+def _select(model, mode, share, groups, exclude, ranks):
+    """The sites to compress, the untouched layers (with reasons) and the
+    groups: `(sites, {name: reason}, [(side, [Site, ...]), ...])`."""
     sites, untouched = find_sites(model)
     if not sites:
         raise ValueError(
@@ -123,12 +171,11 @@ def compress(
             "`groups` asks for shared bases, but mode='per_layer' turns sharing "
             "off. Use mode='micik' with `groups`, or drop `groups`."
         )
-    if ranks is not None:
-        ranked = {s.name for s in resolve_names(list(ranks), sites, "ranks")}
+    ranked = {s.name for s in resolve_names(list(ranks), sites, "ranks")} if ranks else None
     for s in sites:
         if s.name in excluded:
             untouched[s.name] = EXCLUDED
-        elif ranks is not None and s.name not in ranked:
+        elif ranked is not None and s.name not in ranked:
             untouched[s.name] = NOT_RANKED
     sites = [s for s in sites if s.name not in untouched]
     if not sites:
@@ -137,58 +184,45 @@ def compress(
             "Exclude fewer layers."
         )
     if mode == "per_layer":
-        grouped = [(site_side(s, share), [s]) for s in sites]
-    else:
-        grouped = group_sites(sites, share, forced)
+        return sites, untouched, [(site_side(s, share), [s]) for s in sites]
+    return sites, untouched, group_sites(sites, share, forced)
 
-    params_before = int(model.count_params())
-    fixed = params_before - sum(s.m * s.n for s in sites)
-    covariances = {}
-    if calibration_data is not None:
-        log(f"calibrating {len(sites)} layers on up to {calibration_batches} batches")
-        covariances = calibration.collect_covariances(
-            model, sites, calibration_data, max_batches=calibration_batches, seed=seed
-        )
 
-    kernels = {s.name: decomposition.kernel_matrix(s.kernel()) for s in sites}
-    # Whitening metrics per group (an eigendecomposition each): computed once,
-    # used by the error curves and by the final factorization.
-    metrics = [planning.group_metrics(side, m, covariances) for side, m in grouped]
-    if ranks is not None:
-        plan = planning.explicit(grouped, _check_ranks(ranks, sites))
-    else:
-        budget = params_before / ratio - fixed
+def _allocate(grouped, kernels, metrics, params_before, fixed, ratio, mode, min_rank, seed,
+              log, objective, clock):
+    """The allocator's plan for the budget `ratio` leaves; a ValueError naming
+    the largest reachable ratio if even the minimum ranks do not fit."""
+    budget = params_before / ratio - fixed
+    try:
+        return planning.allocate(grouped, kernels, metrics, budget, mode, min_rank, seed, log,
+                                 objective, clock)
+    except planning.Infeasible as error:
+        reachable = params_before / (fixed + error.floor)
+        raise ValueError(
+            f"ratio={ratio:g} cannot be reached: {fixed:,} of the model's "
+            f"{params_before:,} parameters are in untouched layers and "
+            f"biases, and the compressed layers need at least "
+            f"{error.floor:,} at their minimum ranks. The largest reachable "
+            f"ratio is {math.floor(reachable * 100) / 100:.2f}. Lower "
+            "`ratio`, compress more layers (fewer `exclude`), or lower "
+            "`min_rank`."
+        ) from None
+
+
+class _Clock:
+    """`with clock("step"):` adds the block's seconds to `timings["step"]`."""
+
+    def __init__(self, timings):
+        self.timings = timings
+
+    @contextlib.contextmanager
+    def __call__(self, step):
+        tic = time.perf_counter()
         try:
-            plan = planning.allocate(
-                grouped, kernels, metrics, budget, mode, min_rank, seed, log, objective
-            )
-        except planning.Infeasible as error:
-            reachable = params_before / (fixed + error.floor)
-            raise ValueError(
-                f"ratio={ratio:g} cannot be reached: {fixed:,} of the model's "
-                f"{params_before:,} parameters are in untouched layers and "
-                f"biases, and the compressed layers need at least "
-                f"{error.floor:,} at their minimum ranks. The largest reachable "
-                f"ratio is {math.floor(reachable * 100) / 100:.2f}. Lower "
-                "`ratio`, compress more layers (fewer `exclude`), or lower "
-                "`min_rank`."
-            ) from None
-
-    new_model, reasons = _build(
-        model, grouped, plan, kernels, metrics, untouched, seed
-    )
-    if calibration_data is not None and recalibrate_batchnorm:
-        calibration.recalibrate_batchnorm(new_model, calibration_data, calibration_batches)
-    kept = [f"{name} ({why})" for name, why in reasons.items()
-            if why in (KEPT_DENSE, EXCLUDED, NOT_RANKED)]
-    if kept:
-        log("left whole: " + "; ".join(kept))
-    params_after = int(new_model.count_params())
-    log(
-        f"done in {time.perf_counter() - start:.1f}s: {params_before:,} -> "
-        f"{params_after:,} parameters ({params_before / params_after:.2f}x)"
-    )
-    return new_model
+            yield
+        finally:
+            if self.timings is not None:
+                self.timings[step] = self.timings.get(step, 0.0) + time.perf_counter() - tic
 
 
 # --- input checks -----------------------------------------------------------
@@ -300,7 +334,7 @@ def _build(model, grouped, plan, kernels, metrics, untouched, seed):
     ):
         rc = plan.rank_common[name]
         mats = [kernels[s.name] for s in members]
-        basis = None
+        basis = full = None
         users = [
             i for i, s in enumerate(members)
             if plan.layers[s.name] != alloc.DENSE and plan.layers[s.name][0]
@@ -332,12 +366,16 @@ def _build(model, grouped, plan, kernels, metrics, untouched, seed):
                 reasons[s.name] = KEPT_DENSE
                 continue
             layer_rc, ru = choice
+            # The planner's spectrum of this residual, if it was on this basis.
+            known = plan.spectra.get((s.name, layer_rc)) if (
+                not layer_rc or full is plan.bases.get(name)) else None
             factors = decomposition.factorize(
-                w, ru, basis if layer_rc else None, side, metric, seed
+                w, ru, basis if layer_rc else None, side, metric, seed, known
             )
             wrappers[s.name] = _make_wrapper(
                 s, layer_rc, ru, side, name if layer_rc else None,
                 decomposition.relative_error(w, factors.approximation),
+                _initialization(metric),
             )
             values[s.name] = (factors, s.layer)
 
@@ -374,9 +412,16 @@ def _build(model, grouped, plan, kernels, metrics, untouched, seed):
     return new_model, reasons
 
 
-def _make_wrapper(site, rank_common, rank_unique, side, group, error):
+def _initialization(metric):
+    if metric is None:
+        return "weights"
+    return "outputs_diagonal" if metric.diagonal else "outputs"
+
+
+def _make_wrapper(site, rank_common, rank_unique, side, group, error, initialization):
     layer = site.layer
     common = dict(
+        initialization=initialization,
         rank_common=rank_common,
         rank_unique=rank_unique,
         shared_side=side,

@@ -14,6 +14,7 @@ largest rank the budget could allow is what makes a naive implementation slow
 3. The global allocation over all groups and candidates.
 """
 
+import contextlib
 import dataclasses
 import math
 import time
@@ -38,6 +39,9 @@ class Plan:
     rank_common: dict  # group name -> r_c
     layers: dict  # site name -> alloc.DENSE or (r_c, r_u)
     bases: dict  # group name -> basis with at least r_c components
+    # (site name, r_c) -> the whitened residual's Spectrum on `bases`' first
+    # r_c components (or on no basis, r_c = 0), to reuse when factorizing.
+    spectra: dict = dataclasses.field(default_factory=dict)
 
 
 def group_name(index, side, members):
@@ -127,17 +131,20 @@ class _Layer:
             max(MIN_START_CAP, 2 * math.ceil(share), self.budget.min_rank) if unique else 0
         )
         self.caps = {}
+        # {r_c: the whitened residual's Spectrum}, for the final factorization.
+        self.spectra = {}
 
     def curve(self, rank_common, basis, cap):
         cap = max(0, min(cap, self.max_rank))
         if rank_common in self.caps and self.caps[rank_common] >= cap:
             return
-        errors, reference = decomposition.residual_spectrum(
+        errors, reference, found = decomposition.residual_spectrum(
             self.matrix, basis, cap, self.side, self.metric, self.seed
         )
         self.budget.errors[rank_common] = alloc.layer_cost(errors / max(reference, 1e-30),
                                                            self.objective)
         self.caps[rank_common] = cap
+        self.spectra[rank_common] = found
 
     def common_curve(self, basis, ranks):
         """The common part alone at each of `ranks` (no unique part), from one
@@ -187,29 +194,38 @@ class _Group:
 
 
 def allocate(grouped, kernels, metrics, budget, mode, min_rank, seed, log,
-             objective="log_energy"):
+             objective="log_energy", clock=None):
     """Runs the three steps and returns a `Plan` (see the module docstring).
 
     Args:
         objective: the allocator's cost of each layer's relative error, one
             of `allocation.OBJECTIVES`.
+        clock: optional `clock(step)` context manager that times the steps
+            (`per_layer_spectra`, `common_ranks`, `allocation`).
 
     Raises:
         Infeasible: if even the minimum ranks exceed `budget`.
     """
+    clock = clock or (lambda step: contextlib.nullcontext())
     unique = mode != "common_only"
     groups = _groups(grouped, kernels, metrics, budget, min_rank, unique, seed, objective)
-    per_layer = _per_layer_step(groups, budget, unique, log)
+    with clock("per_layer_spectra"):
+        per_layer = _per_layer_step(groups, budget, unique, log)
     bases, candidates = {}, {}
-    for group in groups:
-        # 0 (no basis) stays a candidate in common_only mode too: a group
-        # whose members are all best kept dense at some budget is feasible.
-        candidates[group.name] = [0]
-        if mode == "common_only" or (mode == "micik" and len(group.layers) > 1):
-            ranks, bases[group.name] = _common_rank_step(group, per_layer, budget, unique, seed, log)
-            candidates[group.name] += ranks
-    result = _grow(groups, budget, lambda g: candidates[g.name], bases)
-    return Plan([g.name for g in groups], result.rank_common, result.layers, bases)
+    with clock("common_ranks"):
+        for group in groups:
+            # 0 (no basis) stays a candidate in common_only mode too: a group
+            # whose members are all best kept dense at some budget is feasible.
+            candidates[group.name] = [0]
+            if mode == "common_only" or (mode == "micik" and len(group.layers) > 1):
+                ranks, bases[group.name] = _common_rank_step(group, per_layer, budget, unique,
+                                                             seed, log)
+                candidates[group.name] += ranks
+    with clock("allocation"):
+        result = _grow(groups, budget, lambda g: candidates[g.name], bases)
+    spectra = {(layer.site.name, rc): found for group in groups for layer in group.layers
+               for rc, found in layer.spectra.items()}
+    return Plan([g.name for g in groups], result.rank_common, result.layers, bases, spectra)
 
 
 def _groups(grouped, kernels, metrics, budget, min_rank, unique, seed, objective):

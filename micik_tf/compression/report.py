@@ -154,6 +154,7 @@ def report(model, reference=None):
                 "kernel_shape": [int(d) for d in layer.kernel_shape()],
                 "params": params,
                 "relative_error": error,
+                "initialization": layer.initialization,
             }
         )
     groups = []

@@ -22,6 +22,9 @@ from keras import ops
 from micik_tf.validation import one_of, positive_int
 
 SHARED_SIDES = ("input", "output")
+# How compress() fitted the factors: to the weights, or to the layer's outputs
+# on calibration data through the full input covariance or its diagonal.
+INITIALIZATIONS = ("weights", "outputs", "outputs_diagonal")
 
 
 class _Factorized(keras.layers.Layer):
@@ -39,6 +42,7 @@ class _Factorized(keras.layers.Layer):
         bias_initializer="zeros",
         group=None,
         relative_error=None,
+        initialization=None,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -66,6 +70,8 @@ class _Factorized(keras.layers.Layer):
         self.relative_error = (
             None if relative_error is None else float(relative_error)
         )
+        self.initialization = None if initialization is None else one_of(
+            "initialization", initialization, INITIALIZATIONS)
 
     # Subclasses give the input size `m` of the kernel matrix and the first
     # (projection) stage.
@@ -196,6 +202,7 @@ class _Factorized(keras.layers.Layer):
             "bias_initializer": keras.initializers.serialize(self.bias_initializer),
             "group": self.group,
             "relative_error": self.relative_error,
+            "initialization": self.initialization,
         }
 
 
@@ -216,6 +223,8 @@ class FactorizedDense(_Factorized):
         group: name of the `SharedBasis` layer; required when `rank_common` > 0.
         relative_error: `||W - W_hat|| / ||W||` measured by `compress()` against
             the original kernel (metadata for reports; None when built by hand).
+        initialization: how `compress()` fitted the factors, one of
+            `INITIALIZATIONS` (metadata for reports; None when built by hand).
 
     Input shape:
         `x` of shape `(..., m)`, or `[x, basis]` when `rank_common` > 0.
