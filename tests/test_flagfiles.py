@@ -80,3 +80,46 @@ def test_paper_flagfiles_run_on_mock_tfds(name, teacher_flags, train_tool, tmp_p
     assert report["dataset"].startswith("imagenet2012")
     assert abs(report["ratio"] / ratio - 1) <= 0.02
     assert report["steps"] == 2
+
+
+def _dataset_ops(dataset):
+    """`(op type, node)` of every node in a tf.data pipeline's graph."""
+    import tensorflow as tf
+
+    graph = tf.compat.v1.GraphDef()
+    graph.ParseFromString(dataset._as_serialized_graph().numpy())  # noqa: SLF001 (test only)
+    nodes = list(graph.node) + [n for f in graph.library.function for n in f.node_def]
+    return graph, nodes
+
+
+def _constant(graph, name):
+    import tensorflow as tf
+
+    node = next(n for n in graph.node if n.name == name.split(":")[0].lstrip("^"))
+    return int(tf.make_ndarray(node.attr["value"].tensor))
+
+
+@pytest.mark.parametrize("name", ["imagenet_vgg16.cfg", "imagenet_googlenet.cfg"])
+def test_imagenet_pipelines_hold_no_cache_and_a_bounded_shuffle(name, train_tool, tmp_path):
+    """At ImageNet size the pipelines must neither cache the split nor shuffle
+    more than --shuffle_buffer examples (the whole split would be ~770 GB)."""
+    import tensorflow_datasets as tfds
+
+    from micik_tf.job.data import load_data
+
+    _parse([f"--flagfile={os.path.join(ROOT, 'flags', name)}", f"--model_dir={tmp_path}",
+            "--image_size=32"])
+    config = train_tool.config_from_flags()
+    assert config.shuffle_buffer <= 2048 and config.cache == "auto"
+    with tfds.testing.mock_data(num_examples=8):
+        data = load_data(config)
+        pipelines = [data.train_epoch(0), data.validation, data.test, data.calibration]
+        assert not data.cached
+        for pipeline in pipelines:
+            graph, nodes = _dataset_ops(pipeline)
+            ops = [n.op for n in nodes]
+            assert not any(op.startswith("CacheDataset") for op in ops), ops
+            for node in nodes:
+                if node.op.startswith("ShuffleDataset"):
+                    assert _constant(graph, node.input[1]) <= config.shuffle_buffer
+        assert any(n.op.startswith("ShuffleDataset") for n in _dataset_ops(pipelines[0])[1])

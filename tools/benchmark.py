@@ -15,6 +15,9 @@ Suites (the code of each is in benchmarks/<suite>.py, outside the installed pack
                   shapes), and what reproducing its accuracy takes on GPUs.
   compress_speed  compress() seconds on VGG-16 (138M) at several ratios, both
                   modes.
+  scale           the ImageNet pipeline's and calibration's peak memory,
+                  compress() seconds at 4x-16x with and without calibration,
+                  and the train step's cost of pruning + QAT.
 
     python tools/benchmark.py --suite=curve
     python tools/benchmark.py --suite=deploy --smoke --output_dir=/tmp/smoke
@@ -35,10 +38,10 @@ from absl import app, flags, logging
 
 FLAGS = flags.FLAGS
 
-SUITES = ("compress_speed", "curve", "deploy", "cost", "paper")
+SUITES = ("compress_speed", "curve", "deploy", "cost", "paper", "scale")
 # Each suite's ratios when --ratios is not given.
 DEFAULT_RATIOS = {"compress_speed": ["4", "16"], "curve": [],
-                  "cost": ["16"], "paper": [], "deploy": ["16"]}
+                  "cost": ["16"], "paper": [], "deploy": ["16"], "scale": []}
 
 
 def define_flags():
@@ -82,7 +85,7 @@ def _run(suite, ratios, smoke):
     if suite == "curve":
         return lib.run_suite(lib.protocol_for(FLAGS.quick, smoke), FLAGS.output_dir,
                              workers=FLAGS.workers)
-    if suite == "paper":
+    if suite in ("paper", "scale"):
         return lib.run_suite(smoke), None
     return lib.run_suite(ratios[0], smoke), None
 

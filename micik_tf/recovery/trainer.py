@@ -180,7 +180,7 @@ class RecoveryTrainer:
         # host reads them only to show progress, not after every step.
         self._sums = {k: tf.Variable(0.0, trainable=False, name=f"sum_{k}")
                       for k in COMPONENTS + ("correct", "count")}
-        self._train_step = self._make_train_step()
+        self.train_step = self._make_train_step()
         self._eval_steps = {}
 
     # -- steps ---------------------------------------------------------------------
@@ -370,7 +370,7 @@ class RecoveryTrainer:
         for x, y in self.strategy.experimental_distribute_dataset(dataset):
             step += 1
             steps += 1
-            self._train_step(x, y, tf.constant(step, tf.int64))
+            self.train_step(x, y, tf.constant(step, tf.int64))
             if steps % LOG_EVERY == 0:
                 self._log_progress(bar, skip + steps, steps, step, tic)
             if step % config.checkpoint_every == 0:
