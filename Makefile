@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 # TensorFlow's C++ INFO/WARNING lines drown the output of short commands.
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: demo test benchmark benchmark-smoke
+.PHONY: demo test benchmark benchmark-smoke benchmark-data
 
 # The whole job on the bundled digits: train a teacher, compress 16x, recover,
 # evaluate, export (runs/quickstart/; a rerun resumes or reuses that run).
@@ -19,14 +19,23 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider tests
 
-# Writes benchmarks/results/compress_speed.{json,md} (a few minutes on 2 CPU cores).
-benchmark: $(STAMP)
-	$(PY) tools/benchmark.py --flagfile=flags/compress_speed.cfg
+# The benchmark suites (benchmarks/, results in benchmarks/results/): the
+# accuracy curve on Fashion-MNIST runs for hours, in the background, and
+# resumes where it stopped; `benchmark-data` installs Fashion-MNIST's files.
+benchmark-data:
+	@test -d /usr/share/datasets/fashion-mnist || (apt-get update && apt-get install -y dataset-fashion-mnist) \
+		|| echo "Install Fashion-MNIST yourself: apt-get install dataset-fashion-mnist, or tfds build fashion_mnist"
 
-# The same suite on a small VGG16 (seconds), into a scratch directory.
+benchmark: $(STAMP) benchmark-data
+	$(PY) tools/benchmark.py --suite=curve --workers=2
+	$(PY) tools/benchmark.py --suite=scale
+	for suite in deploy cost paper; do $(PY) tools/benchmark.py --suite=$$suite || exit 1; done
+	$(PY) tools/update_readme.py
+
+# Every suite on tiny models (a few minutes), into a scratch directory.
 benchmark-smoke: $(STAMP)
-	$(PY) tools/benchmark.py --flagfile=flags/compress_speed.cfg --smoke \
-		--output_dir=/tmp/micik_benchmark_smoke
+	for suite in curve scale deploy cost paper; do \
+		$(PY) tools/benchmark.py --suite=$$suite --smoke --output_dir=/tmp/micik_benchmark_smoke || exit 1; done
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)

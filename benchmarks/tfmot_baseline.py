@@ -163,12 +163,9 @@ def _one_shot_accuracy(model, sparsity, test, tf_keras):
 
 
 def _accuracy(model, dataset):
-    correct = count = 0
-    for x, y in dataset:
-        predicted = np.argmax(model(x, training=False), axis=-1)
-        correct += int(np.sum(predicted == y.numpy()))
-        count += len(predicted)
-    return correct / max(count, 1)
+    from micik_tf.recovery import evaluation
+
+    return evaluation.accuracy(model, dataset)
 
 
 def _best_epoch_callback(tf_keras, final_step, steps_per_epoch):

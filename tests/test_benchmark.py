@@ -31,13 +31,6 @@ def _smoke(suite, tmp_path, *args):
     return data
 
 
-def test_compress_speed_smoke(tmp_path):
-    data = _smoke("compress_speed", tmp_path, "--ratios=4,8")
-    assert {r["mode"] for r in data["runs"]} == {"micik", "per_layer"}
-    for run in data["runs"]:
-        assert abs(run["achieved_ratio"] / run["target_ratio"] - 1) <= 0.02
-
-
 def test_curve_quick_smoke(tmp_path):
     """The --quick protocol end to end (on digits, tiny): every core method at
     the same stored-parameter budget, tfmot in its own process, the plots."""

@@ -13,8 +13,6 @@ Suites (the code of each is in benchmarks/<suite>.py, outside the installed pack
                   TFLite speed of a compressed model relative to its original.
   paper           the paper's headline ratios on VGG-16 and GoogLeNet (ImageNet
                   shapes), and what reproducing its accuracy takes on GPUs.
-  compress_speed  compress() seconds on VGG-16 (138M) at several ratios, both
-                  modes.
   scale           the ImageNet pipeline's and calibration's peak memory,
                   compress() seconds at 4x-16x with and without calibration,
                   and the train step's cost of pruning + QAT.
@@ -38,9 +36,9 @@ from absl import app, flags, logging
 
 FLAGS = flags.FLAGS
 
-SUITES = ("compress_speed", "curve", "deploy", "cost", "paper", "scale")
+SUITES = ("curve", "deploy", "cost", "paper", "scale")
 # Each suite's ratios when --ratios is not given.
-DEFAULT_RATIOS = {"compress_speed": ["4", "16"], "curve": [],
+DEFAULT_RATIOS = {"curve": [],
                   "cost": ["16"], "paper": [], "deploy": ["16"], "scale": []}
 
 
@@ -80,8 +78,6 @@ def _library(suite):
 def _run(suite, ratios, smoke):
     """Runs one suite; returns `(result, folder to delete afterwards or None)`."""
     lib = _library(suite)
-    if suite == "compress_speed":
-        return lib.run_suite(ratios, smoke, load_average=_load_average), None
     if suite == "curve":
         return lib.run_suite(lib.protocol_for(FLAGS.quick, smoke), FLAGS.output_dir,
                              workers=FLAGS.workers)
@@ -207,8 +203,6 @@ def main(argv):
         written=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         seconds_total=time.perf_counter() - started,
     )
-    if suite == "compress_speed":
-        result["target"] = _library(suite).target(result, FLAGS.smoke, machine["cpus_usable"])
     written = _write_outputs(suite, result)
     if work is not None:
         # The suite's resumable state: done with once the results are written.
