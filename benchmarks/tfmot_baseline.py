@@ -189,17 +189,16 @@ def _best_epoch_callback(tf_keras, final_step, steps_per_epoch):
 
 
 def _int8_tflite(model, source, pipeline, tf):
+    """The full-integer .tflite, converted exactly as `micik_tf.export` converts
+    (builtin ops only, the same calibration), from a SavedModel of the model."""
+    import tempfile
+
+    from micik_tf.deploy import conversion
+
     representative, _ = pipeline.to_arrays(source.train, REPRESENTATIVE_EXAMPLES)
-    converter = tf.lite.TFLiteConverter.from_keras_model(model)
-    converter.optimizations = [tf.lite.Optimize.DEFAULT]
-    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-
-    def samples():
-        for i in range(len(representative)):
-            yield [representative[i:i + 1]]
-
-    converter.representative_dataset = samples
-    return converter.convert()
+    with tempfile.TemporaryDirectory() as folder:
+        model.save(folder, save_format="tf")
+        return conversion.convert_tflite("tflite_int8", folder, representative)
 
 
 if __name__ == "__main__":

@@ -111,11 +111,13 @@ def passes(check, value):
 
 
 @dataclasses.dataclass
-class RunConfig:
+class RunConfig(RecoveryConfig):
     """One recovery job's settings; each is the flag of the same name in
-    `tools/train.py` (see its `--help` for what each does)."""
+    `tools/train.py` (see its `--help` for what each does). The recovery
+    settings (losses, optimizer, schedule, batch, seed) are the inherited
+    `RecoveryConfig` fields, which the trainer reads."""
 
-    model_dir: str
+    model_dir: str = ""
     # Data.
     dataset: str = "digits"
     data_dir: str | None = None
@@ -141,29 +143,11 @@ class RunConfig:
     calibration_batches: int = 8
     prune_sparsity: float = 0.0
     quantize: str = "none"
-    # Recovery.
-    alpha: float = 1.0
-    beta: float = 1.0
-    gamma: float = 0.5
-    temperature: float = 4.0
-    window: int = 1
-    w_near: float = 1.0
-    w_far: float = 0.5
-    optimizer: str = "adam"
-    learning_rate: float = 1e-3
-    schedule: str = "cosine"
-    weight_decay: float = 1e-4
-    clip_norm: float | None = None
-    epochs: int = 10
-    batch_size: int = 64
     steps_per_epoch: int | None = None
-    seed: int = 0
-    mixed_precision: bool = False
     # The run.
     strategy: str = "default"
     num_gpus: int = 0
     tpu: str = ""
-    checkpoint_every: int = 100
     export: tuple = ("keras",)
     allow_changes: tuple = ()
     evaluate_teacher: bool = True
@@ -180,11 +164,6 @@ class RunConfig:
             if not check(values):
                 raise UsageError(f"{message}.")
         return self
-
-    def recovery_config(self):
-        """The trainer's `RecoveryConfig`, from the same settings."""
-        return RecoveryConfig(**{f.name: getattr(self, f.name)
-                                 for f in dataclasses.fields(RecoveryConfig)})
 
     def fingerprint(self):
         """Every setting that changes the result, by flag name.

@@ -104,7 +104,7 @@ def _trainer(config, teacher, student, data, strategy):
         def before_validation():
             recalibrate_batchnorm(student, data.calibration, BATCHNORM_BATCHES)
 
-    return RecoveryTrainer(teacher, student, strategy, config.recovery_config(), config.model_dir,
+    return RecoveryTrainer(teacher, student, strategy, config, config.model_dir,
                            data.steps_per_epoch, verbose=config.verbose, pruner=pruner,
                            quantizer=quantizer, before_validation=before_validation)
 
