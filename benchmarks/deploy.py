@@ -32,7 +32,7 @@ VARIANTS = (
     ("micik_pruned_qat", dict(prune_sparsity=PRUNE_SPARSITY, quantize="int8")),
 )
 # What the stacked pipeline must reach (issue 4): the gzip'd int8 student
-# against the teacher's float32 .tflite, within a point of its accuracy.
+# against the teacher's gzip'd float32 .tflite, within a point of its accuracy.
 TARGET_SIZE_RATIO = 50.0
 TARGET_DROP_POINTS = 1.0
 
@@ -94,25 +94,26 @@ def run_suite(ratio=16.0, smoke=False, log=print):
                     "latency_median_us": None if lat is None else lat * 1e6,
                     "latency_ratio_vs_teacher": None if lat is None else lat / reference,
                 })
-        teacher_float = exports["teacher"]["tflite"]["bytes"]
+        teacher_float = exports["teacher"]["tflite"]
         stacked = {}
         for name in ("micik_pruned_ptq", "micik_pruned_qat"):
             int8 = exports[name]["tflite_int8"]
+            # Like with like: gzip'd file against gzip'd file, and raw against raw.
             stacked[name] = {
                 "file": "tflite_int8",
+                "bytes": int8["bytes"],
                 "gzip_bytes": int8["gzip_bytes"],
-                "teacher_float32_tflite_bytes": teacher_float,
-                "teacher_float32_tflite_gzip_bytes": exports["teacher"]["tflite"]["gzip_bytes"],
-                "size_ratio_vs_teacher_float32": teacher_float / int8["gzip_bytes"],
-                "size_ratio_vs_teacher_float32_gzip":
-                    exports["teacher"]["tflite"]["gzip_bytes"] / int8["gzip_bytes"],
+                "teacher_float32_tflite_bytes": teacher_float["bytes"],
+                "teacher_float32_tflite_gzip_bytes": teacher_float["gzip_bytes"],
+                "gzip_size_ratio": teacher_float["gzip_bytes"] / int8["gzip_bytes"],
+                "raw_size_ratio": teacher_float["bytes"] / int8["bytes"],
                 "accuracy": int8["accuracy"],
                 "drop_points": 100 * (teacher_accuracy - int8["accuracy"]),
                 "params_ratio": students[name]["ratio"],
                 "sparsity": students[name]["sparsity"],
             }
             stacked[name]["meets_target"] = bool(
-                stacked[name]["size_ratio_vs_teacher_float32"] >= TARGET_SIZE_RATIO
+                stacked[name]["gzip_size_ratio"] >= TARGET_SIZE_RATIO
                 and stacked[name]["drop_points"] <= TARGET_DROP_POINTS
             )
         return {
@@ -159,15 +160,16 @@ def markdown(result, command):
         ratio = "-" if row["latency_ratio_vs_teacher"] is None else f"{row['latency_ratio_vs_teacher']:.2f}"
         lines.append(f"| {row['model']} | {row['format']} | {row['bytes']:,} | {row['gzip_bytes']:,} "
                      f"| {acc} | {ratio} |")
-    lines += ["", "Stacked pipeline (MICIK + pruning + int8), gzip'd `.tflite` against the "
-              "teacher's float32 `.tflite`:", "",
-              "| pipeline | gzip bytes | smaller than teacher float32 (gzip'd) | accuracy | drop (points) "
-              f"| ≥{result['target']['size_ratio']:g}x and ≤{result['target']['drop_points']:g} point |",
-              "|---|---:|---:|---:|---:|---|"]
+    lines += ["", "Stacked pipeline (MICIK + pruning + int8) against the teacher's float32 "
+              "`.tflite`, like with like: gzip'd against gzip'd, and raw against raw:", "",
+              "| pipeline | gzip bytes | smaller, gzip'd vs gzip'd | raw bytes | smaller, raw vs raw "
+              f"| accuracy | drop (points) | ≥{result['target']['size_ratio']:g}x gzip'd and "
+              f"≤{result['target']['drop_points']:g} point |",
+              "|---|---:|---:|---:|---:|---:|---:|---|"]
     for name, s in result["stacked"].items():
         lines.append(
-            f"| {name} | {s['gzip_bytes']:,} | {s['size_ratio_vs_teacher_float32']:.1f}x "
-            f"({s['size_ratio_vs_teacher_float32_gzip']:.1f}x) | {s['accuracy']:.4f} "
+            f"| {name} | {s['gzip_bytes']:,} | {s['gzip_size_ratio']:.1f}x | {s['bytes']:,} "
+            f"| {s['raw_size_ratio']:.1f}x | {s['accuracy']:.4f} "
             f"| {s['drop_points']:.2f} | {'yes' if s['meets_target'] else 'no'} |")
     lines.append("")
     return "\n".join(lines)
