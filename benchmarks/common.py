@@ -28,3 +28,20 @@ def figure(*subplots, size=(8, 5)):
 
     fig = Figure(figsize=size)
     return fig, fig.subplots(*subplots) if subplots else fig.subplots()
+
+
+def git_commit():
+    """The repository's HEAD commit, with "-dirty" when tracked files have
+    uncommitted changes (None outside a git checkout)."""
+    import os
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
+                                text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=root, capture_output=True, text=True, check=True).stdout.strip()
+        return commit + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return None

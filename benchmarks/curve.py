@@ -48,7 +48,7 @@ import time
 
 from micik_tf.files import read_json, write_figure, write_json
 
-from benchmarks.common import figure
+from benchmarks.common import figure, git_commit
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -264,7 +264,7 @@ class _Suite:
             "input_shape": list(source.input_shape), "num_classes": source.num_classes,
             "accuracy": evaluation.accuracy(model, test),
             "val_accuracy": history["val_accuracy"], "train_accuracy": history["accuracy"],
-            "epochs": p.teacher_epochs, "seconds": seconds,
+            "epochs": p.teacher_epochs, "seconds": seconds, "git_commit": git_commit(),
             "ptq_int8": {"params": int(model.count_params()), "accuracy": int8["accuracy"],
                          "gzip_bytes": int8["gzip_bytes"], "bytes": int8["bytes"]},
         }
@@ -384,9 +384,29 @@ class _Suite:
             "wall_seconds": report["wall_seconds"],
         }
 
+    def _teacher_weights(self):
+        """The teacher's weights and a few of its logits, for tfmot's tf_keras
+        twin (written once, atomically, before any worker runs)."""
+        import numpy as np
+
+        from micik_tf import files
+        from micik_tf.recovery import pipeline
+
+        path = os.path.join(self.teacher_dir, "teacher_weights.npz")
+        if not os.path.exists(path):
+            teacher = files.load_model(self.teacher_info["path"])
+            x, _ = pipeline.to_arrays(self.data().test, 16)
+            arrays = {f"w{i}": w for i, w in enumerate(teacher.get_weights())}
+            with files.atomic_path(path) as tmp:
+                np.savez(tmp, x=x, logits=np.asarray(teacher(x, training=False)), **arrays)
+        return path
+
     def prepare_students(self):
-        """Makes every compressed and thin student the cells start from, once,
-        before any worker runs (so none of them races to write one)."""
+        """Makes every compressed and thin student the cells start from (and
+        the teacher's weights for tfmot), once, before any worker runs, so
+        that none of them races to write one."""
+        if any("tfmot" in r.methods for _, r in self.protocol.regimes):
+            self._teacher_weights()
         for name, regime in self.protocol.regimes:
             for method in regime.methods:
                 settings = METHODS.get(method) or {}
@@ -402,7 +422,8 @@ class _Suite:
         once: compress() depends on the calibration data, not on the seed."""
         if mode == "magnitude_pruning":
             return ""
-        path = os.path.join(self.work, "students", f"{regime_name}-{mode}-{objective}-{ratio:g}.keras")
+        path = os.path.join(self.teacher_dir, "students",
+                            f"{regime_name}-{mode}-{objective}-{ratio:g}.keras")
         if os.path.exists(path):
             return path
         import micik_tf
@@ -423,7 +444,7 @@ class _Suite:
     def _thin_student(self, ratio):
         """The teacher's architecture at the width whose parameters are closest
         to the teacher's / ratio, freshly initialised (seeded per run)."""
-        path = os.path.join(self.work, "students", f"thin-{ratio:g}.keras")
+        path = os.path.join(self.teacher_dir, "students", f"thin-{ratio:g}.keras")
         if os.path.exists(path):
             return path
         from micik_tf import files
@@ -434,18 +455,8 @@ class _Suite:
 
     def _tfmot(self, regime, ratio, seed, lr):
         """One tfmot cell, in a subprocess with tf_keras (see tfmot_baseline.py)."""
-        import numpy as np
-
-        from micik_tf import files
-        from micik_tf.recovery import pipeline
-
         p = self.protocol
-        weights = os.path.join(self.work, "teacher_weights.npz")
-        if not os.path.exists(weights):
-            teacher = files.load_model(self.teacher_info["path"])
-            x, _ = pipeline.to_arrays(self.data().test, 16)
-            arrays = {f"w{i}": w for i, w in enumerate(teacher.get_weights())}
-            np.savez(weights, x=x, logits=np.asarray(teacher(x, training=False)), **arrays)
+        weights = self._teacher_weights()
         source = self.data()
         spec = dict(dataset=p.dataset, validation_fraction=p.validation_fraction,
                     train_fraction=regime.train_fraction, arch=p.arch, width=p.width,
@@ -453,8 +464,10 @@ class _Suite:
                     teacher_weights=weights, ratio=ratio, epochs=regime.epochs,
                     batch_size=p.batch_size, learning_rate=lr, seed=seed,
                     augment=list(p.augment), steps_per_epoch=p.steps_per_epoch)
-        spec_path = os.path.join(self.work, "tfmot_spec.json")
-        out = os.path.join(self.work, "tfmot_result.json")
+        # One spec and result per cell: workers may run tfmot cells at once.
+        key = f"{regime.train_fraction:g}-{ratio:g}-{seed}-{lr:g}"
+        spec_path = os.path.join(self.work, "tfmot", f"spec-{key}.json")
+        out = os.path.join(self.work, "tfmot", f"result-{key}.json")
         write_json(spec_path, spec)
         result = subprocess.run(
             [sys.executable, os.path.join(ROOT, "benchmarks", "tfmot_baseline.py"),

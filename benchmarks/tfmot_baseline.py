@@ -29,10 +29,6 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import numpy as np  # noqa: E402
 
-# The schedule's shape, as in micik_tf.deploy.pruning.gradual_schedule: the
-# sparsity rises over the first 70% of the steps, in ten increments.
-PRUNING_SHARE = 0.7
-PRUNING_INCREMENTS = 10
 REPRESENTATIVE_EXAMPLES = 100
 
 
@@ -56,6 +52,7 @@ def run(spec):
     import tf_keras
 
     from micik_tf import models
+    from micik_tf.deploy.pruning import PRUNING_INCREMENTS, PRUNING_SHARE
     from micik_tf.recovery import datasets, pipeline
 
     started = time.perf_counter()

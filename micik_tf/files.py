@@ -33,6 +33,11 @@ def atomic_path(path):
     suffix = name[name.index("."):] if "." in name else ""
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=suffix)
     os.close(fd)
+    # mkstemp makes the file private (0600); give it the mode a plain open()
+    # would, so that the finished file is readable as any other the user writes.
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
     try:
         yield tmp
         os.replace(tmp, path)

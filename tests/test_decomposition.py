@@ -13,11 +13,34 @@ def _decaying(m, n, seed=0):
 
 
 def test_randomized_svd_matches_exact_on_the_leading_spectrum():
-    matrix = _decaying(2600, 1400)
-    _, s_fast, _ = dec.top_svd(matrix, 20)  # randomized: side > 1024, k small
-    s_exact = np.linalg.svd(matrix, compute_uv=False)[:20]
-    np.testing.assert_allclose(s_fast, s_exact, rtol=1e-3)
-    np.testing.assert_allclose(dec.singular_values(matrix, 20), s_exact, rtol=1e-3)
+    matrix = _decaying(2600, 1700)
+    u, s_fast, vt = dec.top_svd(matrix, 20)  # subspace iteration: side > 1536, k small
+    exact_u, s_exact, exact_vt = np.linalg.svd(matrix, full_matrices=False)
+    np.testing.assert_allclose(s_fast, s_exact[:20], rtol=1e-3)
+    # The same leading singular vectors (up to sign), on both sides.
+    np.testing.assert_allclose(np.abs(np.sum(u * exact_u[:, :20], axis=0)), 1.0, atol=1e-3)
+    np.testing.assert_allclose(np.abs(np.sum(vt * exact_vt[:20], axis=1)), 1.0, atol=1e-3)
+    found = dec.spectrum(matrix, 20)
+    assert found.total == pytest.approx(float(np.sum(np.square(matrix.astype(np.float64)))))
+
+
+@pytest.mark.parametrize("side", ["input", "output"])
+def test_common_rank_errors_match_the_factorization_under_a_metric(side):
+    """The common part alone, for every rank, from one projection, when the
+    layer's metric differs from the one its group's basis was computed in."""
+    rng = np.random.default_rng(1)
+    w = _decaying(24, 18)
+    x = rng.standard_normal((400, 24)) * np.linspace(0.2, 3.0, 24)
+    metric = dec.InputMetric.from_covariance(x.T @ x / 400)
+    pooled = dec.InputMetric.from_covariance(np.eye(24) * 5.0)
+    basis = dec.shared_basis([w, _decaying(24, 18, 4)], 6, side,
+                             pooled if side == "input" else [metric, metric])
+    errors, reference = dec.common_rank_errors(w, basis, side, metric)
+    for rank in (1, 3, 6):
+        part = basis[:, :rank] if side == "input" else basis[:rank]
+        diff = w - dec.factorize(w, 0, part, side, metric).approximation
+        np.testing.assert_allclose(errors[rank], np.sum(np.square(metric.apply(diff))), rtol=1e-4)
+    assert reference == pytest.approx(float(np.sum(np.square(metric.apply(w)))), rel=1e-5)
 
 
 def test_shared_basis_is_orthonormal_and_scale_invariant_per_layer():

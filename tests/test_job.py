@@ -106,8 +106,15 @@ def _strategy():
     return tf.distribute.get_strategy()
 
 
+def _started(tmp_path, **settings):
+    """A run that has begun writing into its folder."""
+    workspace = Workspace.open(_config(tmp_path, **settings), _strategy())
+    (tmp_path / "run" / "history.json").write_text("[]")
+    return workspace
+
+
 def test_a_resume_with_other_settings_names_each_difference(tmp_path):
-    Workspace.open(_config(tmp_path, epochs=1, learning_rate=1e-3), _strategy())
+    _started(tmp_path, epochs=1, learning_rate=1e-3)
     with pytest.raises(UsageError) as error:
         Workspace.open(_config(tmp_path, epochs=3, learning_rate=0.5), _strategy())
     message = str(error.value)
@@ -117,9 +124,9 @@ def test_a_resume_with_other_settings_names_each_difference(tmp_path):
 
 
 def test_allowed_changes_are_recorded(tmp_path):
-    Workspace.open(_config(tmp_path, epochs=1), _strategy())
+    _started(tmp_path, epochs=1)
     workspace = Workspace.open(_config(tmp_path, epochs=3, allow_changes=("epochs",)), _strategy())
-    assert workspace.resuming
+    assert workspace.resuming and workspace.changed_now == {"epochs"}
     assert [(c["setting"], c["was"], c["now"]) for c in workspace.changes] == [("epochs", 1, 3)]
     # Kept in run.json for later resumes (and copied into report.json).
     recorded = json.loads((tmp_path / "run" / "run.json").read_text())
@@ -131,7 +138,7 @@ def test_allowed_changes_are_recorded(tmp_path):
                                      dict(quantize="int8"), dict(mode="per_layer"),
                                      dict(seed=1), dict(alpha=0.0)])
 def test_every_setting_that_changes_the_result_is_fingerprinted(tmp_path, setting):
-    Workspace.open(_config(tmp_path), _strategy())
+    _started(tmp_path)
     with pytest.raises(UsageError, match=f"--{next(iter(setting))}: "):
         Workspace.open(_config(tmp_path, **setting), _strategy())
 
@@ -139,10 +146,18 @@ def test_every_setting_that_changes_the_result_is_fingerprinted(tmp_path, settin
 def test_a_changed_teacher_file_is_noticed(tmp_path):
     teacher = tmp_path / "teacher.keras"
     teacher.write_bytes(b"one")
-    Workspace.open(_config(tmp_path, teacher=str(teacher)), _strategy())
+    _started(tmp_path, teacher=str(teacher))
     teacher.write_bytes(b"two")
     with pytest.raises(UsageError, match=r"--teacher \(file contents\)"):
         Workspace.open(_config(tmp_path, teacher=str(teacher)), _strategy())
+
+
+def test_a_run_that_wrote_nothing_binds_no_settings(tmp_path):
+    """A first attempt refused before writing anything (bad data, a typo in
+    --teacher) leaves only run.json: the corrected rerun is not refused."""
+    Workspace.open(_config(tmp_path, dataset="fashion_mnst"), _strategy())
+    workspace = Workspace.open(_config(tmp_path, dataset="fashion_mnist"), _strategy())
+    assert not workspace.resuming
 
 
 def test_model_dir_that_is_a_file_is_refused_and_kept(tmp_path):

@@ -28,7 +28,6 @@ import json
 import os
 import platform
 import shutil
-import subprocess
 import sys
 import time
 
@@ -71,6 +70,12 @@ def _ratios_valid(values):
         return False
 
 
+def git_commit():
+    from benchmarks.common import git_commit as commit
+
+    return commit()
+
+
 def _library(suite):
     return importlib.import_module(f"benchmarks.{suite}")
 
@@ -108,7 +113,7 @@ def _machine():
         "numpy": np.__version__,
         "micik_tf": micik_tf.__version__,
         "gpus": [d.name for d in tf.config.list_physical_devices("GPU")],
-        "git_commit": _git_commit(),
+        "git_commit": git_commit(),
     }
 
 
@@ -116,21 +121,6 @@ def _load_average():
     try:
         return round(os.getloadavg()[0], 2)
     except (AttributeError, OSError):
-        return None
-
-
-def _git_commit():
-    try:
-        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        commit = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=root, capture_output=True, text=True, check=True,
-        ).stdout.strip()
-        return commit + ("-dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
         return None
 
 
@@ -181,7 +171,7 @@ def main(argv):
     if FLAGS.rerender:
         return _rerender(suite)
     ratios = [float(r) for r in (FLAGS.ratios if FLAGS.ratios is not None else DEFAULT_RATIOS[suite])]
-    commit = _git_commit()
+    commit = git_commit()
     # Results go into the README and must say which code wrote them; smoke
     # runs (tests, scratch folders) are exempt.
     if commit and commit.endswith("-dirty") and not (FLAGS.allow_dirty or FLAGS.smoke):

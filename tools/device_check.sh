@@ -30,7 +30,8 @@ step() {  # step NAME TIMEOUT COMMAND...: runs it, keeps its exit code and log t
 
 step nvidia_smi 30 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 step tensorflow_gpu 120 "$PY" -c "import tensorflow as tf; gpus = tf.config.list_physical_devices('GPU'); print(tf.__version__, gpus); assert gpus, 'TensorFlow sees no GPU'"
-step tests 240 "$PY" -m pytest -q -p no:cacheprovider tests/test_training.py -k "mirrored or mixed_precision" tests/test_pruning.py -k "mirrored"
+step tests 240 "$PY" -m pytest -q -p no:cacheprovider -k "mirrored or mixed_precision" \
+    tests/test_training.py tests/test_pruning.py
 step train_mirrored_mixed 240 "$PY" - <<'PYEOF'
 import json, os, sys, tempfile
 import tensorflow_datasets as tfds

@@ -11,7 +11,10 @@ flag value is checked when the flags are parsed, before any work starts.
 import os
 import sys
 
-from absl import app, flags, logging
+# Before TensorFlow is imported (define_flags imports it): quiet C++ logs.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from absl import app, flags, logging  # noqa: E402
 
 FLAGS = flags.FLAGS
 
@@ -19,6 +22,8 @@ FLAGS = flags.FLAGS
 def define_flags():
     """All flags of this binary, defined once (TF official models style), each
     with the validator of `micik_tf.job.config.RULES`."""
+    from micik_tf.compression.allocation import OBJECTIVES
+    from micik_tf.compression.grouping import SHARE_CHOICES
     from micik_tf.job.config import CHANGEABLE, MODES, QUANTIZE_FORMATS, RunConfig
     from micik_tf.recovery.pipeline import CACHE_CHOICES
     from micik_tf.recovery.strategies import STRATEGIES
@@ -56,11 +61,11 @@ def define_flags():
     flags.DEFINE_enum("mode", d.mode, MODES, "Compression mode: MICIK, per-layer SVD, shared "
                       "parts only, or the pruning baseline (the teacher magnitude-pruned "
                       "during recovery to the nonzero parameter count --ratio gives).")
-    flags.DEFINE_enum("share", d.share, ["auto", "input", "output"], "Shared side of the kernels.")
+    flags.DEFINE_enum("share", d.share, SHARE_CHOICES, "Shared side of the kernels.")
     flags.DEFINE_integer("min_rank", d.min_rank, "Smallest total rank per compressed layer "
                          "(default: compress()'s, 8 capped at a sixteenth of the smaller "
                          "side). Lower it to reach ratios above 20x on small models.")
-    flags.DEFINE_enum("objective", d.objective, ["log_energy", "sum_error"], "What the rank "
+    flags.DEFINE_enum("objective", d.objective, OBJECTIVES, "What the rank "
                       "allocator minimises over the layers' relative errors e: the sum of "
                       "-log(1 - e) (never starves a layer) or the sum of e.")
     flags.DEFINE_integer("calibration_batches", d.calibration_batches, "Batches for the "
@@ -140,7 +145,6 @@ def config_from_flags():
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     # TF's checkpoint code logs every save at INFO through absl.
     logging.set_verbosity(logging.WARNING)
     from micik_tf.recovery import strategies

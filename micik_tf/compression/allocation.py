@@ -15,8 +15,8 @@ data). Two costs (`OBJECTIVES`):
 
 A minimum rank per layer is kept in both.
 
-It solves the Lagrangian relaxation `min sum_l e_l + lambda * cost` exactly per
-group for a given `lambda`, finds the smallest `lambda` whose solution fits the
+It solves the Lagrangian relaxation `min sum_l c(e_l) + lambda * cost` (`c`
+the layer cost above) exactly per group for a given `lambda`, finds the smallest `lambda` whose solution fits the
 budget by bisection, then greedily spends what is left. Per group it picks the
 common rank `r_c` among candidates that include 0, so sharing is used only
 where it pays; each layer may still opt out of the group's basis, or stay
@@ -197,8 +197,9 @@ def allocate_ranks(groups, budget):
             f"A budget of {int(budget)} parameters is below the smallest "
             f"allocation ({floor})."
         )
-    # Relative errors are <= 1 per layer and costs are parameter counts, so
-    # every useful exchange rate lies well inside [1e-16, 1e4].
+    # A layer's cost is at most -log(1e-6) ~ 14 (1 for sum_error) and costs
+    # are parameter counts, so every useful exchange rate lies well inside
+    # [1e-16, 1e4].
     low, high = math.log(1e-16), math.log(1e4)
     best = _solve(groups, math.exp(high))
     for _ in range(60):

@@ -102,7 +102,7 @@ def collect_covariances(model, sites, data, max_batches=8, rows_per_image=ROWS_P
     """
     full_max = FULL_COVARIANCE_MAX if full_max is None else full_max
     wanted = {s.name: s for s in sites}
-    probe, records, extractors = _extractors(model, wanted)
+    records, extractors = _extractors(model, wanted)
     sums = {name: 0.0 for name in wanted}
     counts = {name: 0 for name in wanted}
     rng = np.random.default_rng(seed)
@@ -138,8 +138,9 @@ def collect_covariances(model, sites, data, max_batches=8, rows_per_image=ROWS_P
 
 
 def _extractors(model, wanted):
-    """A copy of `model` and, per (nested) model, a Keras model returning the
-    inputs of the wanted sites (and of nested models holding some)."""
+    """Per (nested) model of a copy of `model`, the records of what it feeds
+    and a Keras model returning the inputs of the wanted sites (and of nested
+    models holding some)."""
     records, pairs, nested = {}, [], {}
 
     def make_layer(layer, path):
@@ -164,7 +165,7 @@ def _extractors(model, wanted):
         owner: keras.Model(_single_input(nested[owner]), [t for *_, t in items])
         for owner, items in records.items()
     }
-    return probe, records, extractors
+    return records, extractors
 
 
 def _single_input(model):

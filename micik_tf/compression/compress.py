@@ -2,6 +2,7 @@
 
 import contextlib
 import math
+import numbers
 import sys
 import time
 
@@ -17,7 +18,7 @@ from micik_tf.compression.grouping import (
     site_side,
 )
 from micik_tf.layers import FactorizedConv2D, FactorizedDense, SharedBasis
-from micik_tf.validation import float_above, one_of
+from micik_tf.validation import float_above, one_of, positive_int
 
 DEFAULT_RATIO = 4.0
 MODES = ("micik", "per_layer", "common_only")
@@ -90,7 +91,7 @@ def compress(
         seed: seed of the randomized SVD.
         timings: optional dict, filled with the seconds each step took
             (`calibration`, `per_layer_spectra`, `common_ranks`, `allocation`,
-            `building`), to see where the time goes.
+            `building`, `batchnorm`), to see where the time goes.
 
     Returns:
         A new `keras.Model` (Functional). The names of compressed layers are
@@ -99,6 +100,9 @@ def compress(
     _check_model(model)
     mode = one_of("mode", mode, MODES)
     objective = one_of("objective", objective, alloc.OBJECTIVES)
+    calibration_batches = positive_int("calibration_batches", calibration_batches)
+    if min_rank is not None:
+        min_rank = positive_int("min_rank", min_rank)
     share = one_of("share", share, SHARE_CHOICES)
     if ranks is None:
         ratio = _check_ratio(DEFAULT_RATIO if ratio is None else ratio)
@@ -261,7 +265,7 @@ def _has_inputs(model):
 
 
 def _check_ratio(ratio):
-    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)):
+    if isinstance(ratio, bool) or not isinstance(ratio, numbers.Real):
         raise TypeError(
             "`ratio` must be a number > 1 (params_before / params_after). "
             f"Received: ratio={ratio!r}"

@@ -116,11 +116,6 @@ def top_svd(matrix, k, seed=0, known=None):
     return vectors.copy(), s, vt.astype(np.float32)
 
 
-def singular_values(matrix, k, seed=0):
-    """The `k` largest singular values of `matrix`, in decreasing order."""
-    return spectrum(matrix, k, seed).values
-
-
 @dataclasses.dataclass
 class InputMetric:
     """Whitening by the input covariance: `||X D||_F^2 = N ||P D||_F^2`.
@@ -135,8 +130,8 @@ class InputMetric:
     Attributes:
         factor: `P`, upper triangular (`m x m`), or the `m` square roots of
             the diagonal.
-        covariance: the damped covariance (`m x m`, or its diagonal), for
-            pooling a group's metrics.
+        covariance: the covariance it was made from (`m x m`, or its
+            diagonal), undamped, for pooling a group's metrics.
     """
 
     factor: np.ndarray
@@ -155,7 +150,7 @@ class InputMetric:
         if covariance.ndim == 1:
             floor = damping * max(float(np.mean(np.abs(covariance))), 1e-12)
             damped = np.maximum(covariance, 0) + floor
-            return cls(np.sqrt(damped).astype(np.float32), damped)
+            return cls(np.sqrt(damped).astype(np.float32), covariance)
         covariance = (covariance + covariance.T) / 2
         # The damping is relative to the mean eigenvalue (the trace over m).
         floor = damping * max(float(np.trace(covariance)) / len(covariance), 1e-12)
@@ -166,7 +161,7 @@ class InputMetric:
             # Undamped and singular: a jitter of the same relative size.
             factor = scipy.linalg.cholesky(damped + 1e-6 * np.mean(np.diag(damped)) *
                                            np.eye(len(damped)), lower=False)
-        return cls(factor.astype(np.float32), damped)
+        return cls(factor.astype(np.float32), covariance)
 
     @classmethod
     def pooled(cls, covariances, damping=1e-2):
@@ -317,10 +312,13 @@ def residual_spectrum(matrix, basis, max_rank, side="input", metric=None, seed=0
 def common_rank_errors(matrix, basis, side="input", metric=None):
     """Squared error left by the common part alone, for every common rank.
 
-    The basis from `shared_basis` is orthonormal in the (whitened) space the
-    error is measured in: its columns (input side, `P B`) or its rows (output
-    side). So the energy each basis vector captures adds up, and one
-    projection gives the error at every rank `r_c = 0 .. basis rank`.
+    Input side: the best coefficients on the first `r` basis columns leave
+    `||P W||^2 - ||Q_r^T P W||^2`, with `Q` an orthonormal basis of `P B`
+    whose first `r` columns span the first `r` of `P B` (a QR factorization
+    keeps that nesting), so one projection gives the error at every rank,
+    whatever metric the basis itself was computed in. Output side: the basis
+    rows are orthonormal and the coefficients `W B^T` do not depend on the
+    metric, so the error is `||P W||^2 - ||P W B_r^T||^2`.
 
     Returns:
         `(errors, reference)`: `errors[r]` is `||P (W - W_hat_r)||^2` with a
@@ -329,8 +327,8 @@ def common_rank_errors(matrix, basis, side="input", metric=None):
     whitened = _apply(metric, np.asarray(matrix, dtype=np.float32)).astype(np.float64)
     reference = float(np.sum(np.square(whitened)))
     if side == "input":
-        projected = _apply(metric, basis).T.astype(np.float64) @ whitened  # (r, n)
-        captured = np.sum(np.square(projected), axis=1)
+        q, _ = np.linalg.qr(_apply(metric, basis).astype(np.float64))
+        captured = np.sum(np.square(q.T @ whitened), axis=1)
     else:
         projected = whitened @ np.asarray(basis, dtype=np.float64).T  # (m, r)
         captured = np.sum(np.square(projected), axis=0)

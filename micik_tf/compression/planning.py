@@ -157,7 +157,8 @@ class _Layer:
             self.caps[rc] = 0
 
     def at_cap(self, choice):
-        if choice == alloc.DENSE:
+        # Without unique parts a curve is the common part alone: no cap to grow.
+        if choice == alloc.DENSE or not self.budget.unique:
             return False
         rc, ru = choice
         return ru >= self.caps[rc] and self.caps[rc] < self.max_rank
@@ -299,7 +300,7 @@ def _common_rank_step(group, per_layer, budget, unique, seed, log):
     ranks = sorted({max(1, rc_max >> k) for k in range(CANDIDATES)})
     for layer in group.layers:
         cap = 0
-        if unique and per_layer is not None:
+        if per_layer is not None:
             choice = per_layer.layers[layer.site.name]
             cap = layer.max_rank if choice == alloc.DENSE else choice[1] + UNIQUE_HEADROOM
         for rc in ranks:

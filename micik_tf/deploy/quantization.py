@@ -7,7 +7,7 @@ every step runs forward and backward on int8-rounded weights, and the update
 goes to float master weights (the straight-through estimator), so the weights
 settle where rounding costs the least.
 
-Like `micik_tf.pruning` this works on the model's own variables, without
+Like `micik_tf.deploy.pruning` this works on the model's own variables, without
 wrapper layers: tfmot's QAT (`quantize_model`) exists for tf_keras (Keras 2)
 models only, and Keras 3's `model.quantize("int8")` covers Dense, EinsumDense
 and Embedding, not our factorized layers, and exports nothing TFLite can run
@@ -76,7 +76,7 @@ class WeightQuantizer:
 
     Args:
         model: a built model, typically one `micik_tf.compress()` made. The
-            variables are those `micik_tf.pruning.prunable_variables` lists
+            variables are those `micik_tf.deploy.pruning.prunable_variables` lists
             with `include_dense_kernels=True`: every shared basis (once),
             every factor, and the kernels of Dense/Conv2D layers left
             untouched. Biases stay float, as TFLite keeps them in int32.

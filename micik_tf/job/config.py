@@ -10,6 +10,7 @@ run must match unless the user allows the change (`--allow_changes`).
 
 import dataclasses
 import hashlib
+import math
 import os
 
 from micik_tf import models
@@ -35,6 +36,11 @@ QAT_FRACTION = 0.3
 CHANGEABLE = ("epochs", "learning_rate", "schedule", "optimizer", "weight_decay",
               "clip_norm", "alpha", "beta", "gamma", "temperature", "window", "w_near",
               "w_far", "mixed_precision")
+# Changes after which the optimizer's checkpointed state no longer fits (its
+# slots, a loss-scale wrapper, a learning-rate variable): a resume that makes
+# one restores the student and the position, and starts a fresh optimizer.
+OPTIMIZER_CHANGES = ("optimizer", "schedule", "learning_rate", "weight_decay", "clip_norm",
+                     "mixed_precision")
 
 
 class UsageError(ValueError):
@@ -49,9 +55,13 @@ def _names_in(choices):
     return lambda v: set(v) <= set(choices)
 
 
+def _finite(check):
+    return lambda v: math.isfinite(v) and check(v)
+
+
 # Setting -> (check, what it must be). Shared by the flags and `validate()`.
 RULES = {
-    "ratio": (lambda v: v > 1, "a number > 1 (parameters before / after), e.g. 16"),
+    "ratio": (_finite(lambda v: v > 1), "a number > 1 (parameters before / after), e.g. 16"),
     "mode": (lambda v: v in MODES, f"one of {', '.join(MODES)}"),
     "share": (lambda v: v in SHARE_CHOICES, f"one of {', '.join(SHARE_CHOICES)}"),
     "min_rank": (_optional(lambda v: v >= 1), "an integer >= 1"),
@@ -62,7 +72,7 @@ RULES = {
     "teacher_arch": (lambda v: v in models.ARCHITECTURES,
                      f"one of {', '.join(models.ARCHITECTURES)}"),
     "teacher_epochs": (lambda v: v >= 0, "an integer >= 0"),
-    "teacher_learning_rate": (lambda v: v > 0, "a positive number"),
+    "teacher_learning_rate": (_finite(lambda v: v > 0), "a positive number"),
     "image_size": (_optional(lambda v: v >= 1), "a positive integer"),
     "augment": (_names_in(AUGMENTATIONS), f"names from {', '.join(AUGMENTATIONS)}"),
     "validation_fraction": (lambda v: 0 <= v < 1, "a fraction in [0, 1)"),
@@ -72,12 +82,13 @@ RULES = {
     "alpha": (lambda v: v >= 0, "a non-negative weight"),
     "beta": (lambda v: v >= 0, "a non-negative weight"),
     "gamma": (lambda v: v >= 0, "a non-negative weight"),
-    "temperature": (lambda v: v > 0, "a positive number"),
+    "temperature": (_finite(lambda v: v > 0), "a positive number"),
     "window": (lambda v: v >= 1, "an integer >= 1"),
     "w_near": (lambda v: v >= 0, "a non-negative weight"),
     "w_far": (lambda v: v >= 0, "a non-negative weight"),
     "optimizer": (lambda v: v in OPTIMIZERS, f"one of {', '.join(OPTIMIZERS)}"),
-    "learning_rate": (lambda v: v > 0, "a positive number"),
+    "learning_rate": (_finite(lambda v: v > 0), "a positive number"),
+    "seed": (lambda v: 0 <= v < 2**32, "an integer in [0, 2**32)"),
     "schedule": (lambda v: v in SCHEDULES, f"one of {', '.join(SCHEDULES)}"),
     "weight_decay": (lambda v: v >= 0, "a non-negative number"),
     "clip_norm": (_optional(lambda v: v > 0), "a positive number"),
@@ -171,8 +182,10 @@ class RunConfig(RecoveryConfig):
         A teacher or student given as a file is fingerprinted by its
         contents too, so a file replaced between two runs is noticed.
         """
+        # What does not change the result: where and how the run executes,
+        # what it exports, and whether the decoded data is cached.
         excluded = {"model_dir", "strategy", "num_gpus", "tpu", "checkpoint_every",
-                    "export", "allow_changes", "evaluate_teacher", "verbose"}
+                    "export", "allow_changes", "evaluate_teacher", "verbose", "cache"}
         prints = {f.name: _jsonable(getattr(self, f.name))
                   for f in dataclasses.fields(self) if f.name not in excluded}
         for name in ("teacher", "student"):

@@ -18,6 +18,9 @@ from micik_tf.recovery import datasets, pipeline
 MIN_EVAL_BATCH = 64
 # Examples per epoch assumed when a source does not know its size.
 UNKNOWN_TRAIN_SIZE = 1000
+# The shuffle seed of the calibration and representative examples: fixed, so
+# every seed of a run compresses and quantizes from the same examples.
+CALIBRATION_SEED = 0
 
 
 @dataclasses.dataclass
@@ -70,6 +73,11 @@ def load_data(config):
     # Cached once, here: every epoch's pipeline reads the same cache.
     train = source.train.cache() if cached else source.train
     train_size = source.train_size or UNKNOWN_TRAIN_SIZE
+    if train_size < config.batch_size:
+        raise UsageError(
+            f"--batch_size={config.batch_size} is larger than the training split "
+            f"({train_size} examples): lower --batch_size or raise --train_fraction."
+        )
     steps = max(1, train_size // config.batch_size)
     if config.steps_per_epoch:
         steps = min(steps, config.steps_per_epoch)
@@ -82,7 +90,10 @@ def load_data(config):
         source=source, train=train, train_size=train_size,
         validation=evaluation(source.validation) if source.validation is not None else None,
         test=evaluation(source.test),
-        calibration=pipeline.pipeline(train, config.batch_size, training=False),
+        # Shuffled (with a fixed seed, and no augmentation): a source stored
+        # class by class (an image folder) would otherwise calibrate on one class.
+        calibration=pipeline.pipeline(train, config.batch_size, training=True,
+                                      seed=CALIBRATION_SEED, shuffle_buffer=config.shuffle_buffer),
         steps_per_epoch=steps, cached=cached, config=config,
     )
 

@@ -2,6 +2,7 @@
 plot of the training curves, and the summary the binary prints."""
 
 import os
+import shutil
 import tempfile
 
 from micik_tf import deploy, files
@@ -89,16 +90,20 @@ def _deployment_files(student, formats, data, workspace, strategy):
     """The folder belongs to this run, so a rerun refreshes it. Under a
     multi-worker strategy every worker exports (variable reads are
     collective); only the chief's files are kept."""
-    representative, _ = pipeline.to_arrays(data.train, REPRESENTATIVE_EXAMPLES)
+    representative = next(iter(data.calibration.unbatch().batch(REPRESENTATIVE_EXAMPLES)))[0]
     check_x, check_y = pipeline.to_arrays(data.source.test, CHECK_EXAMPLES)
-    target = workspace.path(EXPORT_DIR)
-    if not strategies.is_chief(strategy):
-        target = tempfile.mkdtemp(prefix="micik_worker_export_")
+    chief = strategies.is_chief(strategy)
+    target = workspace.path(EXPORT_DIR) if chief else tempfile.mkdtemp(
+        prefix="micik_worker_export_")
     try:
-        return deploy.export(student, target, formats=formats, representative_data=representative,
-                             overwrite=True, check_data=check_x, check_labels=check_y)
+        return deploy.export(student, target, formats=formats,
+                             representative_data=representative.numpy(), overwrite=True,
+                             check_data=check_x, check_labels=check_y)
     except (ValueError, FileExistsError) as error:
         raise UsageError(f"--export: {error}") from None
+    finally:
+        if not chief:
+            shutil.rmtree(target, ignore_errors=True)
 
 
 def plot_history(history, teacher_accuracy, path):

@@ -15,7 +15,7 @@ import time
 from micik_tf import files
 from micik_tf.compression import recalibrate_batchnorm
 from micik_tf.job import outputs
-from micik_tf.job.config import PRUNING_MODE, QAT_FRACTION, UsageError
+from micik_tf.job.config import OPTIMIZER_CHANGES, PRUNING_MODE, QAT_FRACTION, UsageError
 from micik_tf.job.data import load_data
 from micik_tf.job.student import make_student
 from micik_tf.job.teacher import resolve_teacher
@@ -92,10 +92,14 @@ def _trainer(config, teacher, student, data, strategy):
     from micik_tf.deploy.quantization import WeightQuantizer
 
     total_steps = data.steps_per_epoch * config.epochs
-    pruner = _pruner(config, student, total_steps)
-    quantizer = None
-    if config.quantize == "int8":
-        quantizer = WeightQuantizer(student, begin_step=int((1 - QAT_FRACTION) * total_steps) + 1)
+    try:
+        pruner = _pruner(config, student, total_steps)
+        quantizer = None
+        if config.quantize == "int8":
+            quantizer = WeightQuantizer(student,
+                                        begin_step=int((1 - QAT_FRACTION) * total_steps) + 1)
+    except ValueError as error:  # e.g. a --student with no factorized layer to prune
+        raise UsageError(f"--prune_sparsity/--quantize: {error}") from None
     before_validation = None
     if config.mode == PRUNING_MODE:
         # Pruning shifts every pruned layer's outputs; the baseline gets its
@@ -149,7 +153,11 @@ def _accuracy_before(config, trainer, student, data):
 def _recover(config, trainer, data, workspace):
     """Restores any checkpoint of this run, trains to the end of the schedule,
     and keeps the best validation epoch. Returns `(resumed from step, history)`."""
-    resumed_from = trainer.restore(with_optimizer=not workspace.changed("optimizer"))
+    fresh_optimizer = bool(workspace.changed_now & set(OPTIMIZER_CHANGES))
+    try:
+        resumed_from = trainer.restore(with_optimizer=not fresh_optimizer)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
     history = []
     if resumed_from:
         _log(config, f"resumed from step {resumed_from} (epoch {int(trainer.epoch.numpy()) + 1}, "

@@ -56,7 +56,8 @@ def train_teacher(config, data, workspace, strategy):
     saves it as `teacher.keras`."""
     model = models.build(config.teacher_arch, data.source.input_shape, data.source.num_classes)
     train = pipeline.pipeline(data.train, config.batch_size, training=True, seed=config.seed,
-                              augment=config.augment, shuffle_buffer=config.shuffle_buffer)
+                              augment=config.augment, shuffle_buffer=config.shuffle_buffer,
+                              drop_remainder=True).take(data.steps_per_epoch)
     history = fit_teacher(model, train, data.validation, config.teacher_epochs,
                           config.teacher_learning_rate, steps_per_epoch=data.steps_per_epoch,
                           verbose=config.verbose)

@@ -21,8 +21,9 @@ from micik_tf.recovery import strategies
 RUN_FILE = "run.json"
 # What a run writes into its folder; any of them without a run.json means the
 # folder holds an unknown run.
-RUN_OUTPUTS = ("teacher.keras", "student_init.keras", "checkpoints", "best.weights.h5",
-               "history.json", "report.json", "student.keras", "export")
+RUN_OUTPUTS = ("teacher.keras", "teacher_history.json", "student_init.keras", "checkpoints",
+               "best.weights.h5", "history.json", "report.json", "student.keras", "export",
+               "logs", "training_curves.png")
 
 
 class Workspace:
@@ -34,12 +35,13 @@ class Workspace:
             or allowed changes), whose files may be reused.
         changes: every change allowed on a resume so far, as dicts
             `{"setting", "was", "now", "at"}` (also kept in `run.json`).
+        changed_now: the settings this resume changed.
     """
 
     def __init__(self, config, chief=True):
         self.config, self.chief = config, chief
         self.model_dir = config.model_dir
-        self.resuming, self.changes = False, []
+        self.resuming, self.changes, self.changed_now = False, [], set()
 
     @classmethod
     def open(cls, config, strategy):
@@ -60,13 +62,15 @@ class Workspace:
             )
         mine = self.config.fingerprint()
         run_file = self.path(RUN_FILE)
-        if os.path.exists(run_file):
+        found = [n for n in RUN_OUTPUTS if os.path.exists(self.path(n))]
+        if os.path.exists(run_file) and found:
             recorded = files.read_json(run_file)
             self.changes = list(recorded.get("changes", []))
             self._accept(recorded.get("fingerprint", {}), mine)
             self.resuming = True
         else:
-            found = [n for n in RUN_OUTPUTS if os.path.exists(self.path(n))]
+            # A run.json alone is a run that stopped before writing anything
+            # (bad data, a teacher that would not load): its settings bind nothing.
             if found:
                 raise UsageError(
                     f"--model_dir={self.model_dir} holds {', '.join(found)} of an unknown "
@@ -94,10 +98,7 @@ class Workspace:
         now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
         self.changes += [{"setting": k, "was": a, "now": b, "at": now}
                          for k, (a, b) in differ.items()]
-
-    def changed(self, setting):
-        """Whether `setting` was changed on some resume of this run."""
-        return any(c["setting"] == setting for c in self.changes)
+        self.changed_now = set(differ)
 
     def reusable(self, name):
         """The path of `name` if this run may reuse it (a resumed run's own

@@ -34,14 +34,15 @@ def read_idx(path):
         )
     ndim = data[3]
     header = 4 + 4 * ndim
+    if len(data) < header:
+        raise ValueError(f"{path}: cut short inside its header ({len(data)} bytes).")
     dims = struct.unpack(">" + "I" * ndim, data[4:header])
-    array = np.frombuffer(data, dtype=np.uint8, offset=header)
-    if array.size != int(np.prod(dims)):
-        raise ValueError(
-            f"{path}: cut short: its header promises {dims}, but it holds "
-            f"{array.size} values."
-        )
-    return array.reshape(dims)
+    values = len(data) - header
+    if values != int(np.prod(dims)):
+        what = "cut short" if values < int(np.prod(dims)) else "longer than its header says"
+        raise ValueError(f"{path}: {what}: its header promises {dims}, but it holds "
+                         f"{values} values.")
+    return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(dims)
 
 
 def find_idx(directory, stem):

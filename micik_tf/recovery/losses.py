@@ -173,7 +173,7 @@ class _MultiLayerLoss(keras.distillation.DistillationLoss):
                     f"{count} layers {list(self.layer_names)}, but the "
                     f"{role} model '{model.name}' has {len(outputs)} "
                     f"output(s). Wrap both models with "
-                    f"`micik_tf.losses.feature_model(model, layer_names)` "
+                    f"`micik_tf.feature_model(model, layer_names)` "
                     f"so that their outputs are those features."
                 )
 

@@ -30,6 +30,9 @@ from micik_tf import files
 from micik_tf.recovery import evaluation, losses, strategies
 
 COMPONENTS = ("loss", "ce", "kd", "sim", "inh")
+# What a step adds to the epoch's sums: the loss components, then the counts
+# behind the training accuracy.
+SUMMED = COMPONENTS + ("correct", "count")
 # Steps between reads of the running losses for the progress bar and
 # TensorBoard (each read waits for the device).
 LOG_EVERY = 20
@@ -115,10 +118,10 @@ class RecoveryTrainer:
         feature_layers: layers whose features feed L_sim and L_inh (default:
             the Dense/Conv2D layers present in both models).
         verbose: 1 shows a progress bar per epoch.
-        pruner: optional `micik_tf.pruning.MagnitudePruner`; it is updated
+        pruner: optional `micik_tf.deploy.pruning.MagnitudePruner`; it is updated
             after every step, outside `strategy.run`, so pruned weights stay
             zero while recovery trains the rest.
-        quantizer: optional `micik_tf.quantization.WeightQuantizer`: from its
+        quantizer: optional `micik_tf.deploy.quantization.WeightQuantizer`: from its
             `begin_step` on, each step trains on int8-rounded weights (QAT).
         before_validation: optional `fn()` run before each validation, e.g.
             to re-estimate BatchNorm statistics after pruning.
@@ -178,8 +181,7 @@ class RecoveryTrainer:
         )
         # Per-epoch sums of the step's logs, accumulated on the device: the
         # host reads them only to show progress, not after every step.
-        self._sums = {k: tf.Variable(0.0, trainable=False, name=f"sum_{k}")
-                      for k in COMPONENTS + ("correct", "count")}
+        self._sums = tf.Variable(tf.zeros([len(SUMMED)]), trainable=False, name="epoch_sums")
         self.train_step = self._make_train_step()
         self._eval_steps = {}
 
@@ -236,7 +238,8 @@ class RecoveryTrainer:
                     total = optimizer.scale_loss(total)
             grads = tape.gradient(total, variables)
             optimizer.apply_gradients(zip(grads, variables))
-            return logs
+            # One vector, so that one reduction across replicas carries them all.
+            return tf.stack([tf.cast(logs[k], tf.float32) for k in SUMMED])
 
         @tf.function
         def train_step(x, y, step):
@@ -250,8 +253,7 @@ class RecoveryTrainer:
                 self.quantizer.restore(rounded)
             if self.pruner is not None:
                 self.pruner.step(step)
-            for key, value in logs.items():
-                self._sums[key].assign_add(self.strategy.reduce("SUM", value, axis=None))
+            self._sums.assign_add(self.strategy.reduce("SUM", logs, axis=None))
             self.step.assign_add(1)
             self.batch.assign_add(1)
 
@@ -270,9 +272,14 @@ class RecoveryTrainer:
 
         Args:
             with_optimizer: also restore the optimizer's state. A resumed run
-                that deliberately changed `--optimizer` starts the new
-                optimizer afresh (its slots would not match), keeping the
-                student, the step and the data position.
+                that deliberately changed the optimizer's settings starts a
+                fresh optimizer (its checkpointed slots would not fit),
+                keeping the student, the step and the data position; its
+                iteration count is set to the step, so that the learning-rate
+                schedule continues where it was.
+
+        Raises:
+            ValueError: the checkpoint does not fit this student.
         """
         latest = tf.train.latest_checkpoint(os.path.join(self.model_dir, "checkpoints"))
         if latest is None:
@@ -291,6 +298,8 @@ class RecoveryTrainer:
                 f"The checkpoint in {self.model_dir} does not fit this student "
                 f"({str(error).splitlines()[0][:200]}). Use a new --model_dir."
             ) from None
+        if not with_optimizer:
+            self.optimizer.iterations.assign(self.step)
         if self.pruner is not None:
             # Masks are not checkpointed: the zeros in the weights are.
             self.pruner.masks_from_weights()
@@ -364,8 +373,7 @@ class RecoveryTrainer:
                                       stateful_metrics=COMPONENTS + ("acc", "ex/s"))
             print(f"Epoch {epoch + 1}/{config.epochs}"
                   + (f" (resuming at batch {skip})" if skip else ""))
-        for total in self._sums.values():
-            total.assign(0.0)
+        self._sums.assign(tf.zeros_like(self._sums))
         steps, tic = 0, time.perf_counter()
         for x, y in self.strategy.experimental_distribute_dataset(dataset):
             step += 1
@@ -388,7 +396,7 @@ class RecoveryTrainer:
     def _log_progress(self, bar, position, steps, step, tic):
         """Reads the epoch's sums (one sync with the device), updates the bar
         and TensorBoard, and returns the means so far."""
-        sums = {k: float(v.numpy()) for k, v in self._sums.items()}
+        sums = dict(zip(SUMMED, self._sums.numpy().tolist()))
         means = {k: sums[k] / max(steps, 1) for k in COMPONENTS}
         means["acc"] = sums["correct"] / max(sums["count"], 1.0)
         means["ex/s"] = sums["count"] / max(time.perf_counter() - tic, 1e-9)
