@@ -16,8 +16,10 @@ export TF_CPP_MIN_LOG_LEVEL ?= 2
 demo: $(STAMP)
 	$(PY) tools/train.py --flagfile=flags/quickstart.cfg
 
+# Two test processes: much of a test's time is single-threaded (TensorFlow's
+# import in subprocesses, tracing), so two overlap well on 2 cores.
 test: $(STAMP)
-	$(PY) -m pytest -q -p no:cacheprovider tests
+	$(PY) -m pytest -q -p no:cacheprovider -n 2 tests
 
 # The benchmark suites (benchmarks/, results in benchmarks/results/): the
 # accuracy curve on Fashion-MNIST runs for hours, in the background, and

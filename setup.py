@@ -30,7 +30,8 @@ setup(
         "scipy>=1.10",
     ],
     extras_require={
-        "test": ["pytest>=8", "scikit-learn>=1.4", "ai-edge-litert>=1.2", "matplotlib>=3.8"],
+        "test": ["pytest>=8", "pytest-xdist>=3", "scikit-learn>=1.4", "ai-edge-litert>=1.2",
+                 "matplotlib>=3.8"],
         "demo": ["scikit-learn>=1.4", "matplotlib>=3.8"],
         # tensorflow-model-optimization works on tf_keras (Keras 2) only. It is
         # the curve benchmark's peer baseline and runs in a subprocess of its

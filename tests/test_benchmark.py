@@ -32,9 +32,10 @@ def _smoke(suite, tmp_path, *args):
 
 
 def test_curve_quick_smoke(tmp_path):
-    """The --quick protocol end to end (on digits, tiny): every core method at
-    the same stored-parameter budget, tfmot in its own process, the plots."""
-    data = _smoke("curve", tmp_path, "--quick")
+    """The --quick protocol end to end (on digits, tiny, two worker processes):
+    every core method at the same stored-parameter budget, tfmot in its own
+    process, the plots."""
+    data = _smoke("curve", tmp_path, "--quick", "--workers=2")
     assert data["quick"] is True
     rows = {r["method"]: r for r in data["rows"]}
     assert set(rows) == {"micik", "per_layer", "pruning", "tfmot", "thin", "thin_teacher_budget"}

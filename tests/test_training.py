@@ -94,7 +94,7 @@ def test_multi_worker_two_processes(tmp_path, teacher_file):
 
 
 def test_resume_after_kill_matches_uninterrupted_run(tmp_path, teacher_file):
-    args = ["--epochs=3", "--checkpoint_every=5", "--deterministic"]
+    args = ["--epochs=2", "--checkpoint_every=5", "--deterministic"]
     straight = tmp_path / "straight"
     result = _run(_tiny(straight, teacher_file, *args))
     assert result.returncode == 0, result.stderr[-3000:]
@@ -130,6 +130,30 @@ def _lambda_teacher(tmp_path):
     return path
 
 
+def _bad_input(case, tmp_path, teacher_file):
+    """Settings `{name: value}` for one bad-input case, and the folder it uses."""
+    model_dir = tmp_path / "run"
+    settings = dict(model_dir=str(model_dir), teacher=teacher_file, dataset="digits", ratio=2.0,
+                    epochs=1, batch_size=32, verbose=0, calibration_batches=2)
+    if case == "unknown_dataset":
+        settings["dataset"] = "no_such_dataset_xyz"
+    elif case == "missing_teacher":
+        settings["teacher"] = str(tmp_path / "nope.keras")
+    elif case == "corrupt_teacher":
+        bad = tmp_path / "bad.keras"
+        bad.write_bytes(b"this is not a zip file")
+        settings["teacher"] = str(bad)
+    elif case == "lambda_teacher":
+        settings["teacher"] = str(_lambda_teacher(tmp_path))
+    elif case == "other_run":
+        model_dir.mkdir()
+        (model_dir / "run.json").write_text(json.dumps({"fingerprint": {"ratio": 8.0}}))
+        (model_dir / "history.json").write_text("[]")
+    elif case == "unreachable_ratio":
+        settings["ratio"] = 500.0
+    return settings, model_dir
+
+
 @pytest.mark.parametrize(
     "case, expected",
     [
@@ -137,40 +161,42 @@ def _lambda_teacher(tmp_path):
         ("missing_teacher", "no such file"),
         ("corrupt_teacher", "not a Keras 3 archive"),
         ("lambda_teacher", "safe_mode"),
-        ("misspelled_flag", "Unknown command line flag 'ratoi'"),
         ("other_run", "holds a run with other settings"),
         ("unreachable_ratio", "largest reachable ratio"),
     ],
 )
-def test_bad_input_gets_one_line_error(case, expected, tmp_path, teacher_file):
-    model_dir = tmp_path / "run"
-    args = _tiny(model_dir, teacher_file)
-    if case == "unknown_dataset":
-        args.append("--dataset=no_such_dataset_xyz")
-    elif case == "missing_teacher":
-        args.append(f"--teacher={tmp_path / 'nope.keras'}")
-    elif case == "corrupt_teacher":
-        bad = tmp_path / "bad.keras"
-        bad.write_bytes(b"this is not a zip file")
-        args.append(f"--teacher={bad}")
-    elif case == "lambda_teacher":
-        args.append(f"--teacher={_lambda_teacher(tmp_path)}")
-    elif case == "misspelled_flag":
+def test_bad_input_is_one_usage_error(case, expected, tmp_path, teacher_file):
+    """Each bad input ends the job with one UsageError line (which the binary
+    prints as its one-line error, below), naming the problem."""
+    from micik_tf import job
+
+    settings, model_dir = _bad_input(case, tmp_path, teacher_file)
+    with pytest.raises(job.UsageError) as error:
+        job.run(job.RunConfig(**settings))
+    assert expected in str(error.value) and "\n" not in str(error.value)
+    if case == "other_run":
+        # Nothing of the other run was touched.
+        assert sorted(os.listdir(model_dir)) == ["history.json", "run.json"]
+
+
+@pytest.mark.parametrize("case, expected", [
+    ("misspelled_flag", "Unknown command line flag 'ratoi'"),
+    ("corrupt_teacher", "not a Keras 3 archive"),
+])
+def test_the_binary_prints_bad_input_in_one_line(case, expected, tmp_path, teacher_file):
+    settings, model_dir = _bad_input(case, tmp_path, teacher_file)
+    args = _tiny(model_dir, settings["teacher"])
+    if case == "misspelled_flag":
         flagfile = tmp_path / "bad.cfg"
         flagfile.write_text("--ratoi=8\n")
         args.append(f"--flagfile={flagfile}")
-    elif case == "other_run":
-        model_dir.mkdir()
-        (model_dir / "run.json").write_text(json.dumps({"fingerprint": {"ratio": 8.0}}))
-    elif case == "unreachable_ratio":
-        args.append("--ratio=500")
     result = _run(args)
     assert result.returncode != 0
     assert "Traceback" not in result.stderr
     assert expected in result.stderr, result.stderr[-2000:]
-    if case == "other_run":
-        # Nothing of the other run was touched.
-        assert sorted(os.listdir(model_dir)) == ["run.json"]
+    if case == "corrupt_teacher":
+        errors = [line for line in result.stderr.splitlines() if line.startswith("train.py: error:")]
+        assert len(errors) == 1
 
 
 def test_mixed_precision_run(tmp_path, teacher_file):
