@@ -11,8 +11,7 @@ Protocol (`PROTOCOL`):
   the rest of the training split to a plateau (a cosine decay to 0), cached.
   Seeds vary only what happens after compression.
 - **Regimes.** *limited*: a fixed 10% of the training split (6,000 images),
-  3 seeds, the main methods at ratios 8, 16, 32, 64 and the ablations at 16
-  and 64 (the two ratios of the full regime); *full*: the whole
+  every method and ablation, 3 seeds, ratios 8, 16, 32, 64; *full*: the whole
   training split, the main methods at 16x and 64x, 1 seed.
 - **Methods** (`METHODS`), at the same stored-parameter budget (within 2%),
   with the same recovery steps, data order and best-epoch rule (the best
@@ -89,14 +88,6 @@ class Regime:
     ratios: tuple
     seeds: int
     methods: tuple
-    # The ablations run at these ratios only (None: at every ratio); the
-    # main methods run at every ratio.
-    ablation_ratios: tuple | None = None
-
-    def runs(self):
-        """The (ratio, method) pairs of this regime, ratio by ratio."""
-        return [(ratio, m) for ratio in self.ratios for m in self.methods
-                if m in CORE or self.ablation_ratios is None or ratio in self.ablation_ratios]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,8 +102,7 @@ class Protocol:
     validation_fraction: float = 0.1
     batch_size: int = 64
     regimes: tuple = (
-        ("limited", Regime(0.1, 3, (8.0, 16.0, 32.0, 64.0), 3, CORE + tuple(ABLATIONS),
-                           ablation_ratios=(16.0, 64.0))),
+        ("limited", Regime(0.1, 3, (8.0, 16.0, 32.0, 64.0), 3, CORE + tuple(ABLATIONS))),
         ("full", Regime(1.0, 1, (16.0, 64.0), 1, FULL_METHODS)),
     )
     tune_at: tuple = ("limited", 32.0)
@@ -295,7 +285,7 @@ class _Suite:
             keys = [(name, m, ratio, seed)
                     for seed in range(max(r.seeds for _, r in p.regimes))
                     for name, r in p.regimes if seed < r.seeds
-                    for ratio, m in r.runs() if m not in ALIASES]
+                    for ratio in r.ratios for m in r.methods if m not in ALIASES]
         done = self.done(phase)
         return [k for k in keys if k not in done]
 
@@ -418,13 +408,14 @@ class _Suite:
         if any("tfmot" in r.methods for _, r in self.protocol.regimes):
             self._teacher_weights()
         for name, regime in self.protocol.regimes:
-            for ratio, method in regime.runs():
+            for method in regime.methods:
                 settings = METHODS.get(method) or {}
-                if settings.get("thin"):
-                    self._thin_student(ratio)
-                elif "mode" in settings:
-                    self._compressed(name, settings["mode"],
-                                     settings.get("objective", "log_energy"), ratio)
+                for ratio in regime.ratios:
+                    if settings.get("thin"):
+                        self._thin_student(ratio)
+                    elif "mode" in settings:
+                        self._compressed(name, settings["mode"],
+                                         settings.get("objective", "log_energy"), ratio)
 
     def _compressed(self, regime_name, mode, objective, ratio):
         """The compressed student of `(regime, mode, objective, ratio)`, made
@@ -642,9 +633,7 @@ def markdown(result, command):
         f"{teacher['ptq_int8']['accuracy']:.4f}, {teacher['ptq_int8']['gzip_bytes']:,} gzip'd "
         f"bytes. Regimes: "
         + "; ".join(f"{name}: {r['train_fraction']:.0%} of the training split, {r['epochs']} "
-                    f"recovery epochs, {r['seeds']} seed(s)"
-                    + (f", ablations at {' and '.join(f'{x:g}x' for x in r['ablation_ratios'])}"
-                       if r.get("ablation_ratios") else "") for name, r in regimes.items())
+                    f"recovery epochs, {r['seeds']} seed(s)" for name, r in regimes.items())
         + f". Batch {p['batch_size']}, Adam with a cosine decay from each method's tuned "
         f"learning rate ({', '.join(f'{m} {lr:g}' for m, lr in result['learning_rates'].items())}"
         f"; grid {p['learning_rate_grid']} at {p['tuned_at']}). Written {result['written']} "

@@ -481,3 +481,14 @@ def test_timings_name_every_step():
     assert {"calibration", "per_layer_spectra", "common_ranks", "allocation",
             "building"} <= set(timings)
     assert all(seconds >= 0 for seconds in timings.values())
+
+
+def test_calibration_pairs_are_tuples_and_lists_are_data():
+    from micik_tf.compression import calibration
+
+    x, y = np.ones((5, 4, 4, 1), np.float32), np.zeros((5,), np.int64)
+    (batch,) = list(calibration.as_batches((x, y), max_batches=4, batch_size=8))
+    assert batch.shape == (5, 4, 4, 1)
+    # Two examples in a list are two examples, not an (x, y) pair.
+    (batch,) = list(calibration.as_batches([x[0], x[1]], max_batches=4, batch_size=8))
+    assert batch.shape == (2, 4, 4, 1)

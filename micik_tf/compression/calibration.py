@@ -22,8 +22,8 @@ def as_batches(data, max_batches, input_rank=None, batch_size=DEFAULT_BATCH_SIZE
                argument="calibration_data"):
     """Yields up to `max_batches` input batches (numpy) from user data.
 
-    Accepts a `tf.data.Dataset` of `x` or `(x, y, ...)` elements, an array of
-    inputs, or an `(x, y)` pair of arrays. A dataset of single examples (one
+    Accepts a `tf.data.Dataset` of `x` or `(x, y, ...)` elements, an array
+    (or list) of inputs, or an `(x, y)` tuple of arrays. A dataset of single examples (one
     rank below `input_rank`, the model's input rank) is batched here.
     """
     if isinstance(data, tf.data.Dataset):
@@ -40,10 +40,12 @@ def as_batches(data, max_batches, input_rank=None, batch_size=DEFAULT_BATCH_SIZE
             x = element[0] if isinstance(element, tuple) else element
             yield np.asarray(x)
         return
-    if isinstance(data, (list, tuple)) and len(data) in (2, 3) and all(
+    # Only a tuple is an (x, y) or (x, y, sample_weight) pair, as in
+    # `Model.fit`: a list of two or three examples is data, not a pair.
+    if isinstance(data, tuple) and len(data) in (2, 3) and all(
         hasattr(d, "shape") for d in data
     ):
-        data = data[0]  # an (x, y) or (x, y, sample_weight) pair of arrays
+        data = data[0]
     try:
         array = np.asarray(data, dtype=np.float32)
     except (TypeError, ValueError) as error:
