@@ -32,7 +32,9 @@ def figure(*subplots, size=(8, 5)):
 
 def git_commit():
     """The repository's HEAD commit, with "-dirty" when tracked files have
-    uncommitted changes (None outside a git checkout)."""
+    uncommitted changes (None outside a git checkout). The results folder
+    does not count: the suites write it, one after another, before the
+    results are committed."""
     import os
     import subprocess
 
@@ -40,7 +42,8 @@ def git_commit():
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
                                 text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--",
+                                ".", ":(exclude)benchmarks/results"],
                                cwd=root, capture_output=True, text=True, check=True).stdout.strip()
         return commit + ("-dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
