@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 # TensorFlow's C++ INFO/WARNING lines drown the output of short commands.
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: demo test benchmark benchmark-smoke benchmark-data
+.PHONY: demo test test-all benchmark benchmark-smoke benchmark-data
 
 # The whole job on the bundled digits: train a teacher, compress 16x, recover,
 # evaluate, export (runs/quickstart/; a rerun resumes or reuses that run).
@@ -18,7 +18,13 @@ demo: $(STAMP)
 
 # Two test processes: much of a test's time is single-threaded (TensorFlow's
 # import in subprocesses, tracing), so two overlap well on 2 cores.
+# `make test` leaves out the tests marked slow (a minute or more each, covered
+# in part by faster ones) to stay well under 10 minutes; `make test-all` runs
+# every test.
 test: $(STAMP)
+	$(PY) -m pytest -q -p no:cacheprovider -n 2 -m "not slow" tests
+
+test-all: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider -n 2 tests
 
 # The benchmark suites (benchmarks/, results in benchmarks/results/): the

@@ -13,9 +13,15 @@ A = keras.applications
 @pytest.mark.parametrize(
     "build, ratio",
     [
-        (lambda: A.VGG16(weights=None, include_top=False, input_shape=(32, 32, 3)), 4.0),
-        (lambda: A.ResNet50(weights=None, include_top=False, input_shape=(32, 32, 3), pooling="avg"), 2.0),
-        (lambda: A.InceptionV3(weights=None, include_top=False, input_shape=(75, 75, 3), pooling="avg"), 2.0),
+        # The big ones take a minute or more each: VGG-16 is also the paper
+        # flagfile's test, residual and concatenated branches are also
+        # tests/models.py's branchy CNN and GoogLeNet (test_models).
+        pytest.param(lambda: A.VGG16(weights=None, include_top=False, input_shape=(32, 32, 3)), 4.0,
+                     marks=pytest.mark.slow),
+        pytest.param(lambda: A.ResNet50(weights=None, include_top=False, input_shape=(32, 32, 3),
+                                        pooling="avg"), 2.0, marks=pytest.mark.slow),
+        pytest.param(lambda: A.InceptionV3(weights=None, include_top=False, input_shape=(75, 75, 3),
+                                           pooling="avg"), 2.0, marks=pytest.mark.slow),
         (lambda: A.MobileNetV2(weights=None, input_shape=(32, 32, 3), alpha=0.35, classes=10), 1.5),
     ],
     ids=["VGG16", "ResNet50", "InceptionV3", "MobileNetV2"],

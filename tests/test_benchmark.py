@@ -80,6 +80,7 @@ def test_curve_verdicts_count_only_margins_beyond_the_spread():
     assert worth["part"] == "L_sim" and abs(worth["worth_points"] - 3.0) < 1e-9
 
 
+@pytest.mark.slow  # also `make benchmark-smoke`
 def test_cost_and_paper_smoke(tmp_path):
     cost = _smoke("cost", tmp_path, "--ratios=8")
     speedups = cost["speedups"]
@@ -98,6 +99,7 @@ def test_cost_and_paper_smoke(tmp_path):
     assert all("tools/train.py --flagfile=flags/imagenet_" in r["command"] for r in rows.values())
 
 
+@pytest.mark.slow  # also `make benchmark-smoke`; export's checks are test_export's
 def test_deploy_smoke(tmp_path):
     data = _smoke("deploy", tmp_path, "--ratios=4")
     models = {r["model"] for r in data["rows"]}

@@ -34,6 +34,7 @@ def test_flagfile_parses(path, train_tool, tmp_path):
     assert flags.FLAGS.ratio > 1
 
 
+@pytest.mark.slow  # the job on TFDS data is also test_data's and the ImageNet flagfile's
 def test_cifar10_flagfile_runs_on_mock_tfds(train_tool, tmp_path):
     import tensorflow_datasets as tfds
 
