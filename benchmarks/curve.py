@@ -175,6 +175,23 @@ def run_suite(protocol, output_dir, log=print, workers=1):
     return suite.results(), os.path.join(work, "runs")
 
 
+def progress(protocol, output_dir):
+    """The results of the runs recorded so far, without running anything
+    (`partial` says how many of the planned runs they are); `(results, None)`.
+
+    A full suite takes hours; this shows where it stands, from the same rows
+    the finished suite will render, so nothing in it is provisional except
+    the cells not run yet."""
+    work = os.path.join(output_dir, ".curve_work")
+    suite = _Suite(protocol, work, print)
+    if not os.path.exists(os.path.join(suite.teacher_dir, "teacher.json")):
+        raise ValueError(f"no trained teacher in {work}: start the suite first")
+    suite.teacher()
+    pending = len(suite.pending("cells")) + (len(suite.pending("tune")) if protocol.tune else 0)
+    done = len(suite.rows)
+    return dict(suite.results(), partial={"runs_done": done, "runs_planned": done + pending}), None
+
+
 def _run_workers(protocol, output_dir, phase, workers, log):
     name = next(k for k, v in PROTOCOLS.items() if v == protocol)
     env = dict(os.environ, TF_NUM_INTRAOP_THREADS="1", TF_NUM_INTEROP_THREADS="1",
@@ -623,7 +640,9 @@ def markdown(result, command):
     p, teacher = result["protocol"], result["teacher"]
     regimes = p["regimes"]
     lines = [
-        f"# curve{' (smoke)' if result['smoke'] else ''}{' (quick)' if result.get('quick') else ''}",
+        f"# curve{' (smoke)' if result['smoke'] else ''}{' (quick)' if result.get('quick') else ''}"
+        + (f" (partial: {result['partial']['runs_done']} of {result['partial']['runs_planned']} "
+           "runs; the suite is still running)" if result.get("partial") else ""),
         "",
         f"{result['dataset']}: teacher `{p['arch']}` (width {p['width']:g}), "
         f"{teacher['params']:,} parameters, trained {teacher['epochs']} epochs on the "

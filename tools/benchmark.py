@@ -53,6 +53,8 @@ def define_flags():
                          "about 1.2x the throughput of one).", lower_bound=1)
     flags.DEFINE_bool("allow_dirty", False, "Run from a tree with uncommitted changes; the "
                       "results record that they were (`git_commit` ends in -dirty).")
+    flags.DEFINE_bool("progress", False, "curve: write the results of the runs recorded so "
+                      "far (marked partial), without running anything, while the suite runs.")
     flags.DEFINE_bool("rerender", False, "Rewrite <suite>.md (and its plot) from the "
                       "existing <suite>.json in --output_dir, without running anything.")
     flags.DEFINE_bool("smoke", False, "Tiny models and a step or two of training, so the "
@@ -83,6 +85,8 @@ def _library(suite):
 def _run(suite, ratios, smoke):
     """Runs one suite; returns `(result, folder to delete afterwards or None)`."""
     lib = _library(suite)
+    if suite == "curve" and FLAGS.progress:
+        return lib.progress(lib.protocol_for(FLAGS.quick, smoke), FLAGS.output_dir)
     if suite == "curve":
         return lib.run_suite(lib.protocol_for(FLAGS.quick, smoke), FLAGS.output_dir,
                              workers=FLAGS.workers)
@@ -131,6 +135,8 @@ def _command(suite, result):
         parts.append(f"--ratios={','.join(FLAGS.ratios)}")
     if result.get("quick"):
         parts.append("--quick")
+    if result.get("partial"):
+        parts.append("--progress")
     if result["smoke"]:
         parts.append("--smoke")
     return " ".join(parts)
@@ -168,6 +174,8 @@ def main(argv):
     # TF's checkpoint code logs every save at INFO through absl.
     logging.set_verbosity(logging.WARNING)
     suite = FLAGS.suite
+    if FLAGS.progress and suite != "curve":
+        raise app.UsageError("--progress is for --suite=curve only.")
     if FLAGS.rerender:
         return _rerender(suite)
     ratios = [float(r) for r in (FLAGS.ratios if FLAGS.ratios is not None else DEFAULT_RATIOS[suite])]
