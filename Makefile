@@ -22,7 +22,7 @@ demo: $(STAMP)
 # in part by faster ones) to stay well under 10 minutes; `make test-all` runs
 # every test.
 test: $(STAMP)
-	$(PY) -m pytest -q -p no:cacheprovider -n 2 -m "not slow" tests
+	$(PY) -m pytest -q -p no:cacheprovider -n 2 -m "not slow" --durations=12 tests
 
 test-all: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider -n 2 tests

@@ -55,6 +55,7 @@ def test_cifar10_flagfile_runs_on_mock_tfds(train_tool, tmp_path):
     assert os.path.exists(tmp_path / "training_curves.png")
 
 
+@pytest.mark.slow  # two minutes: a 138M-parameter teacher; its pipeline is checked below
 @pytest.mark.parametrize("name, teacher_flags", [
     # ImageNet weights cannot be downloaded here: the architecture only. The
     # GoogLeNet flagfile is parsed and its pipeline checked above; GoogLeNet
