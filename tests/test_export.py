@@ -245,7 +245,6 @@ def _tool(*args):
 
 ERROR_CASES = {
     "corrupt": "not a Keras 3 archive",
-    "text_file": "not a Keras 3 archive",
     "missing": "no such file",
     "unknown_format": "unknown or missing format",
     "existing_target": "--overwrite",
@@ -259,11 +258,9 @@ def tool_runs(exported, tmp_path_factory):
     model = os.path.join(directory, "model.keras")
     scratch = tmp_path_factory.mktemp("tool")
     (scratch / "x.keras").write_bytes(np.random.default_rng(0).bytes(2048))
-    (scratch / "notes.txt").write_text("not a model\n")
     out = str(scratch / "out")
     args = {
         "corrupt": [f"--model={scratch / 'x.keras'}", f"--output_dir={out}", "--formats=tflite"],
-        "text_file": [f"--model={scratch / 'notes.txt'}", f"--output_dir={out}", "--formats=tflite"],
         "missing": [f"--model={scratch / 'nope.keras'}", f"--output_dir={out}", "--formats=tflite"],
         "unknown_format": [f"--model={model}", f"--output_dir={out}", "--formats=tflite,onnx"],
         "existing_target": [f"--model={model}", f"--output_dir={directory}", "--formats=tflite"],

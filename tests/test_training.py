@@ -199,6 +199,7 @@ def test_the_binary_prints_bad_input_in_one_line(case, expected, tmp_path, teach
         assert len(errors) == 1
 
 
+@pytest.mark.slow  # also tools/device_check.sh, on the GPU where it matters
 def test_mixed_precision_run(tmp_path, teacher_file):
     model_dir = tmp_path / "mixed"
     result = _run(_tiny(model_dir, teacher_file, "--mixed_precision", "--steps_per_epoch=3", "--clip_norm=1.0"))
@@ -210,6 +211,7 @@ def test_mixed_precision_run(tmp_path, teacher_file):
     assert all(w.dtype == "float32" for w in student.weights)
 
 
+@pytest.mark.slow  # export itself is test_export's; make demo runs this path
 def test_deployment_exports_recorded_in_report(tmp_path, teacher_file):
     model_dir = tmp_path / "exports"
     result = _run(_tiny(model_dir, teacher_file, "--steps_per_epoch=2",
@@ -247,6 +249,7 @@ def test_pruning_and_qat_during_recovery(tmp_path, teacher_file):
     assert not np.array_equal(factor, fake_quantize(factor))
 
 
+@pytest.mark.slow  # the pruning budget is also the quick curve smoke's
 def test_magnitude_pruning_baseline_stores_the_same_parameter_count(tmp_path, teacher_file):
     model_dir = tmp_path / "baseline"
     result = _run(_tiny(model_dir, teacher_file, "--steps_per_epoch=4", "--mode=magnitude_pruning",
