@@ -195,6 +195,8 @@ def main(argv):
         suite=suite,
         smoke=FLAGS.smoke,
         quick=FLAGS.quick,
+        # The commit that wrote the results, at the top where readers look.
+        git_commit=machine["git_commit"],
         dirty=bool(machine["git_commit"] and machine["git_commit"].endswith("-dirty")),
         ratios=ratios,
         machine=dict(machine, load_average_1min_at_start=load_before),
