@@ -11,6 +11,9 @@
 #    steps) with --strategy=mirrored and mixed precision;
 # 4. examples per second of the teacher's and the student's training step, as a ratio;
 # 5. the pipeline and calibration benchmarks of the scale suite at GPU batch sizes.
+# Without TensorFlow there (the lent machines have JAX only), it records that,
+# and measures the teacher's and the 16x student's step on Keras's JAX backend
+# instead (benchmarks/gpu_step_ratio.py).
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 OUT=${1:-benchmarks/results}
@@ -36,6 +39,12 @@ if [ "$(tail -1 "$LOG/steps.jsonl" | grep -c '"exit": 0')" != 1 ]; then
   "$PY" -c "import sys; print(sys.version.split()[0], sys.executable)" >"$LOG/python.log" 2>&1
   echo "{\"step\": \"python\", \"exit\": $?, \"seconds\": 0}" >>"$LOG/steps.jsonl"
   SKIP=1
+  # Keras on JAX still measures the compressed layers on the GPU, where JAX
+  # is there: the models written by `benchmarks/gpu_step_ratio.py --write_models`.
+  if [ -f "${GPU_MODELS:-.gpu}/student.json" ]; then
+    step jax_step_ratio 240 env KERAS_BACKEND=jax "$PY" benchmarks/gpu_step_ratio.py \
+        --models="${GPU_MODELS:-.gpu}"
+  fi
 fi
 if [ -z "${SKIP:-}" ]; then
 step tests 240 "$PY" -m pytest -q -p no:cacheprovider -k "mirrored or mixed_precision" \
