@@ -97,7 +97,7 @@ for step in steps:
 # A copy of the tree without .git (a lent machine) names its commit in GIT_COMMIT.
 commit = os.environ.get("GIT_COMMIT") or subprocess.run(
     ["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
-json.dump({"completed": all(s["exit"] == 0 for s in steps),
+json.dump({"command": "tools/device_check.sh", "completed": all(s["exit"] == 0 for s in steps),
            "written": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
            "git_commit": commit, "steps": steps}, open(out, "w"), indent=2)
 print("wrote", out)
