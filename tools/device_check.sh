@@ -42,7 +42,7 @@ if [ "$(tail -1 "$LOG/steps.jsonl" | grep -c '"exit": 0')" != 1 ]; then
   # Keras on JAX still measures the compressed layers on the GPU, where JAX
   # is there: the models written by `benchmarks/gpu_step_ratio.py --write_models`.
   if [ -f "${GPU_MODELS:-.gpu}/student.json" ]; then
-    step jax_step_ratio 240 env KERAS_BACKEND=jax "$PY" benchmarks/gpu_step_ratio.py \
+    step jax_step_ratio 400 env KERAS_BACKEND=jax "$PY" benchmarks/gpu_step_ratio.py \
         --models="${GPU_MODELS:-.gpu}"
   fi
 fi
