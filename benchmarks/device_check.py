@@ -16,19 +16,13 @@ def markdown(result, command):
     ratio = None
     for step in result["steps"]:
         last = step["last_line"]
-        if step["step"] == "jax_step_ratio" and step["exit"] == 0:
-            ratio, last = _parse(last), "(below)"
+        if step["step"] == "jax_step_ratio" and "result" in step:
+            ratio, last = step["result"], "(below)"
         lines.append(f"| {step['step']} | {step['exit']} | {step['seconds']} "
                      f"| {last[:120].replace('|', '/')} |")
     if ratio:
         lines += ["", *_ratio_table(ratio)]
     return "\n".join(lines + [""])
-
-
-def _parse(line):
-    import json
-
-    return json.loads(line)
 
 
 def _ratio_table(ratio):

@@ -94,6 +94,11 @@ steps = [json.loads(line) for line in open(os.path.join(log, "steps.jsonl"))]
 for step in steps:
     lines = open(os.path.join(log, step["step"] + ".log")).read().strip().splitlines()
     step["last_line"] = lines[-1][-2000:] if lines else ""
+    try:  # a step that prints one JSON line last: kept whole
+        step["result"] = json.loads(lines[-1])
+        step["last_line"] = "(result)"
+    except (IndexError, ValueError):
+        pass
 # A copy of the tree without .git (a lent machine) names its commit in GIT_COMMIT.
 commit = os.environ.get("GIT_COMMIT") or subprocess.run(
     ["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
