@@ -81,6 +81,30 @@ def test_spectrum_predicts_the_factorization_error(with_metric):
     assert np.all(np.diff(errors) <= 1e-9)  # more rank never hurts
 
 
+@pytest.mark.parametrize("side", ["input", "output"])
+@pytest.mark.parametrize("shape", [(30, 20), (20, 30)])  # the Gram on either side
+@pytest.mark.parametrize("with_metric", [False, True])
+def test_residual_gram_update_matches_the_explicit_residual(side, shape, with_metric):
+    """The low-rank update of the kernel's Gram is the Gram of the residual
+    that `factorize` leaves, whatever the side, shape and metric."""
+    m, n = shape
+    rng = np.random.default_rng(2)
+    w = _decaying(m, n)
+    metric = None
+    if with_metric:
+        x = rng.standard_normal((500, m)) @ rng.standard_normal((m, m))
+        metric = dec.InputMetric.from_covariance(x.T @ x / 500)
+    basis = dec.shared_basis([w, _decaying(m, n, 5)], 5, side,
+                             metric if side == "input" or metric is None else [metric] * 2)
+    grams = dec.ResidualGrams(w, side, metric)
+    residual = w - dec.factorize(w, 0, basis, side, metric).approximation
+    residual = residual if metric is None else metric.apply(residual)
+    expected = residual.T @ residual if m >= n else residual @ residual.T
+    scale = float(np.max(np.abs(grams.gram)))
+    np.testing.assert_allclose(grams.residual_gram(basis), expected, atol=1e-5 * scale)
+    np.testing.assert_allclose(grams.residual_gram(None), grams.gram)
+
+
 def test_metric_whitening_equals_output_error():
     rng = np.random.default_rng(0)
     x = rng.standard_normal((400, 10)) * np.arange(1, 11)

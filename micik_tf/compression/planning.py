@@ -133,14 +133,20 @@ class _Layer:
         self.caps = {}
         # {r_c: the whitened residual's Spectrum}, for the final factorization.
         self.spectra = {}
+        # The whitened kernel's Gram, once, for every candidate basis's curve.
+        self.grams = None
 
     def curve(self, rank_common, basis, cap):
+        """The error curve on the first `rank_common` vectors of the group's
+        `basis` (the whole basis at the largest candidate), up to rank `cap`."""
         cap = max(0, min(cap, self.max_rank))
         if rank_common in self.caps and self.caps[rank_common] >= cap:
             return
+        if self.grams is None:
+            self.grams = decomposition.ResidualGrams(self.matrix, self.side, self.metric)
         errors, reference, found = decomposition.residual_spectrum(
-            self.matrix, basis, cap, self.side, self.metric, self.seed
-        )
+            self.matrix, basis, cap, self.side, self.metric, self.seed, grams=self.grams,
+            rank_common=rank_common)
         self.budget.errors[rank_common] = alloc.layer_cost(errors / max(reference, 1e-30),
                                                            self.objective)
         self.caps[rank_common] = cap
@@ -304,7 +310,7 @@ def _common_rank_step(group, per_layer, budget, unique, seed, log):
             choice = per_layer.layers[layer.site.name]
             cap = layer.max_rank if choice == alloc.DENSE else choice[1] + UNIQUE_HEADROOM
         for rc in ranks:
-            layer.curve(rc, slice_basis(basis, rc, group.side), cap)
+            layer.curve(rc, basis, cap)
     log(f"group {group.name}: {len(group.layers)} layers, common ranks tried {ranks}, "
         f"{time.perf_counter() - tic:.1f}s")
     return ranks, basis
@@ -342,8 +348,7 @@ def _grow(groups, budget, candidates, bases=None, rounds=6):
                 choice = result.layers[layer.site.name]
                 if layer.at_cap(choice):
                     rc = choice[0]
-                    basis = slice_basis((bases or {}).get(group.name), rc, group.side)
-                    layer.curve(rc, basis, layer.grown_cap(rc))
+                    layer.curve(rc, (bases or {}).get(group.name), layer.grown_cap(rc))
                     grown = True
         if not grown:
             return result
