@@ -105,6 +105,21 @@ def test_residual_gram_update_matches_the_explicit_residual(side, shape, with_me
     np.testing.assert_allclose(grams.residual_gram(None), grams.gram)
 
 
+@pytest.mark.parametrize("condition", [1e2, 1e12])
+def test_orthonormal_spans_nested_prefixes_even_when_ill_conditioned(condition):
+    """CholeskyQR2, or Householder QR where the block is too ill-conditioned
+    for it: orthonormal columns whose first r span the block's first r."""
+    rng = np.random.default_rng(3)
+    u, _ = np.linalg.qr(rng.standard_normal((200, 30)))
+    v, _ = np.linalg.qr(rng.standard_normal((30, 30)))
+    block = (u * np.logspace(0, -np.log10(condition), 30)) @ v.T
+    q = dec.orthonormal(block)
+    np.testing.assert_allclose(q.T @ q, np.eye(30), atol=1e-10)
+    for r in (1, 7, 30):
+        reference, _ = np.linalg.qr(block[:, :r])
+        np.testing.assert_allclose(np.abs(q[:, :r].T @ reference).sum(axis=0), 1.0, atol=1e-6)
+
+
 def test_metric_whitening_equals_output_error():
     rng = np.random.default_rng(0)
     x = rng.standard_normal((400, 10)) * np.arange(1, 11)

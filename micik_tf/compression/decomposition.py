@@ -117,13 +117,18 @@ def orthonormal(block):
 
     q = np.asarray(block, dtype=np.float64)
     try:
-        for _ in range(2):
+        for step in range(2):
             r = scipy.linalg.cholesky(q.T @ q, lower=False, check_finite=False)
+            diagonal = np.abs(np.diag(r))
+            # CholeskyQR2 is accurate for a condition number up to about
+            # 1e8 in float64; the first R's diagonal bounds it from below.
+            if step == 0 and diagonal.min() <= 1e-7 * diagonal.max():
+                raise np.linalg.LinAlgError("ill-conditioned block")
             q = scipy.linalg.solve_triangular(r, q.T, trans="T", lower=False,
                                               check_finite=False).T
     except np.linalg.LinAlgError:
-        q, _ = np.linalg.qr(np.asarray(block, dtype=np.float64))
-    if not np.all(np.isfinite(q)):
+        q = None
+    if q is None or not np.all(np.isfinite(q)):
         q, _ = np.linalg.qr(np.asarray(block, dtype=np.float64))
     return q
 
