@@ -177,7 +177,7 @@ class InputMetric:
         factor: `P`, upper triangular (`m x m`), or the `m` square roots of
             the diagonal.
         covariance: the covariance it was made from (`m x m`, or its
-            diagonal), undamped, for pooling a group's metrics.
+            diagonal), undamped, in float32, for pooling a group's metrics.
     """
 
     factor: np.ndarray
@@ -196,7 +196,7 @@ class InputMetric:
         if covariance.ndim == 1:
             floor = damping * max(float(np.mean(np.abs(covariance))), 1e-12)
             damped = np.maximum(covariance, 0) + floor
-            return cls(np.sqrt(damped).astype(np.float32), covariance)
+            return cls(np.sqrt(damped).astype(np.float32), covariance.astype(np.float32))
         covariance = (covariance + covariance.T) / 2
         # The damping is relative to the mean eigenvalue (the trace over m).
         floor = damping * max(float(np.trace(covariance)) / len(covariance), 1e-12)
@@ -207,7 +207,9 @@ class InputMetric:
             # Undamped and singular: a jitter of the same relative size.
             factor = scipy.linalg.cholesky(damped + 1e-6 * np.mean(np.diag(damped)) *
                                            np.eye(len(damped)), lower=False)
-        return cls(factor.astype(np.float32), covariance)
+        # Kept in float32 for pooling only: on VGG-16 the float64 copies of
+        # every layer's covariance were 1.2 GB.
+        return cls(factor.astype(np.float32), covariance.astype(np.float32))
 
     @classmethod
     def pooled(cls, covariances, damping=1e-2):
