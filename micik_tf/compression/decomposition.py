@@ -116,20 +116,18 @@ def orthonormal(block):
     import scipy.linalg
 
     q = np.asarray(block, dtype=np.float64)
-    try:
-        for step in range(2):
+    for step in range(2):
+        try:
             r = scipy.linalg.cholesky(q.T @ q, lower=False, check_finite=False)
-            diagonal = np.abs(np.diag(r))
-            # CholeskyQR2 is accurate for a condition number up to about
-            # 1e8 in float64; the first R's diagonal bounds it from below.
-            if step == 0 and diagonal.min() <= 1e-7 * diagonal.max():
-                raise np.linalg.LinAlgError("ill-conditioned block")
-            q = scipy.linalg.solve_triangular(r, q.T, trans="T", lower=False,
-                                              check_finite=False).T
-    except np.linalg.LinAlgError:
-        q = None
-    if q is None or not np.all(np.isfinite(q)):
-        q, _ = np.linalg.qr(np.asarray(block, dtype=np.float64))
+        except np.linalg.LinAlgError:
+            return np.linalg.qr(np.asarray(block, dtype=np.float64))[0]
+        diagonal = np.abs(np.diag(r))
+        # CholeskyQR2 is accurate for a condition number up to about 1e8 in
+        # float64; the first R's diagonal bounds it from below.
+        if step == 0 and diagonal.min() <= 1e-7 * diagonal.max():
+            return np.linalg.qr(q)[0]
+        q = scipy.linalg.solve_triangular(r, q.T, trans="T", lower=False,
+                                          check_finite=False).T
     return q
 
 
@@ -345,17 +343,18 @@ class ResidualGrams:
     """
 
     def __init__(self, matrix, side="input", metric=None):
-        self.side = side
-        self.whitened = _apply(metric, np.asarray(matrix, dtype=np.float32))
-        self.metric = metric
-        m, n = self.whitened.shape
+        self.side, self.metric = side, metric
+        w = _apply(metric, np.asarray(matrix, dtype=np.float32))
+        m, n = w.shape
         self.right = m >= n
-        w = self.whitened
         # float32 like `spectrum()`'s Gram: G - C^T C is exact to about 1e-7
         # of ||W||^2 (rather than of the residual's energy), far below any
         # error the allocator weighs; float64 products here took 5x longer.
         self.gram = w.T @ w if self.right else w @ w.T
         self.reference = float(np.trace(self.gram.astype(np.float64)))
+        # Only the `G - C^T C` forms read `P W` again; the projections `L G L`
+        # need the Gram alone, so a whitened copy (fc6's is 0.4 GB) is not kept.
+        self.whitened = w if (side == "input") == self.right else None
         self._basis = self._q = None  # the last basis and its orthonormal P B
 
     def residual_gram(self, basis, rank=None):
