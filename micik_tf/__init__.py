@@ -2,6 +2,7 @@
 
     compressed = micik_tf.compress(model, ratio=8.0)
     print(micik_tf.report(compressed))
+    micik_tf.Distiller(model, compressed).compile("adam")  # then .fit(...)
     micik_tf.export(compressed, "exported/")
 
 The package follows the pipeline: `compression` (compress, report), then
@@ -18,6 +19,7 @@ imports tensorflow-model-optimization or tf_keras, so TensorFlow's Keras stays K
 from micik_tf.compression import DEFAULT_RATIO, Report, compress, recalibrate_batchnorm, report
 from micik_tf.deploy import export
 from micik_tf.layers import FactorizedConv2D, FactorizedDense, SharedBasis
+from micik_tf.recovery.distiller import Distiller
 from micik_tf.recovery.losses import (
     CrossLayerSimilarity,
     LayerInheritance,
@@ -31,6 +33,7 @@ __version__ = "0.1.0"
 __all__ = [
     "CrossLayerSimilarity",
     "DEFAULT_RATIO",
+    "Distiller",
     "FactorizedConv2D",
     "FactorizedDense",
     "LayerInheritance",

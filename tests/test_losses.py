@@ -389,7 +389,22 @@ def test_similarity_validates_its_arguments(kwargs, match):
         CrossLayerSimilarity(**kwargs)
 
 
-@pytest.mark.parametrize("layer_names", [[], 3, ["a", ""], None])
+@pytest.mark.parametrize("layer_names", [[], 3, ["a", ""]])
 def test_inheritance_validates_its_arguments(layer_names):
     with pytest.raises(ValueError, match="`layer_names`"):
         LayerInheritance(layer_names)
+
+
+def test_losses_without_layer_names_take_them_from_the_models():
+    teacher, student = _dense_model("teacher"), _dense_model("student", seed=1)
+    similarity, inheritance = CrossLayerSimilarity(), LayerInheritance()
+    with pytest.raises(ValueError, match="without `layer_names`"):
+        similarity.compute_loss(_features(), _features())
+    keras.distillation.Distiller(
+        teacher=feature_model(teacher, NAMES + ["logits"]),
+        student=feature_model(student, NAMES + ["logits"]),
+        distillation_losses=[similarity, inheritance],
+        student_loss_weight=0.0,
+    )
+    assert similarity.layer_names == NAMES + ["logits"]
+    assert inheritance.layer_names == NAMES + ["logits"]

@@ -126,8 +126,18 @@ class _MultiLayerLoss(keras.distillation.DistillationLoss):
 
     layer_names = ()
 
+    def _require_layer_names(self):
+        if self.layer_names is None:
+            raise ValueError(
+                f"{type(self).__name__}() without `layer_names` takes them from "
+                f"the models it is given (the compressed layers, by name): "
+                f"use it in micik_tf.Distiller or keras.distillation.Distiller, "
+                f"or pass `layer_names`."
+            )
+
     def _features(self, outputs, argument):
         """`outputs` as a list of `len(self.layer_names)` tensors, in order."""
+        self._require_layer_names()
         count = len(self.layer_names)
         if isinstance(outputs, dict):
             missing = [n for n in self.layer_names if n not in outputs]
@@ -195,6 +205,8 @@ class CrossLayerSimilarity(_MultiLayerLoss):
 
     Args:
         layer_names: the names of the L >= 2 compared layers, in layer order.
+            Defaults to None: the Distiller's teacher and student give them
+            (`similarity_layer_names`: the compressed layers, by name).
         window: a positive int; pairs at most this many layers apart are
             "near". Defaults to 1 (neighbours).
         w_near: the non-negative weight of near pairs. Defaults to 1.0.
@@ -207,14 +219,19 @@ class CrossLayerSimilarity(_MultiLayerLoss):
     Output: a float32 scalar.
     """
 
-    def __init__(self, layer_names, window=1, w_near=1.0, w_far=0.5):
-        self.layer_names = _names("layer_names", layer_names, minimum=2)
+    def __init__(self, layer_names=None, window=1, w_near=1.0, w_far=0.5):
         self.window = positive_int("window", window)
         self.w_near = _non_negative_float("w_near", w_near)
         self.w_far = _non_negative_float("w_far", w_far)
         # The losses see the final outputs: the features from feature_model.
         self.teacher_layer_name = None
         self.student_layer_name = None
+        self.layer_names = None
+        if layer_names is not None:
+            self._set_layer_names(layer_names)
+
+    def _set_layer_names(self, layer_names):
+        self.layer_names = _names("layer_names", layer_names, minimum=2)
         count = len(self.layer_names)
         i, j = np.meshgrid(np.arange(count), np.arange(count), indexing="ij")
         weights = np.where(np.abs(i - j) <= self.window, self.w_near, self.w_far)
@@ -222,6 +239,8 @@ class CrossLayerSimilarity(_MultiLayerLoss):
         self._pair_weights = np.where(i < j, weights, 0.0).astype("float32")
 
     def validate_model_compatibility(self, teacher, student):
+        if self.layer_names is None:
+            self._set_layer_names(similarity_layer_names(teacher, student))
         self._validate_final_outputs(teacher, student)
 
     def compute_loss(self, teacher_outputs, student_outputs, **kwargs):
@@ -235,7 +254,7 @@ class CrossLayerSimilarity(_MultiLayerLoss):
 
     def get_config(self):
         return {
-            "layer_names": list(self.layer_names),
+            "layer_names": None if self.layer_names is None else list(self.layer_names),
             "window": self.window,
             "w_near": self.w_near,
             "w_far": self.w_far,
@@ -259,6 +278,8 @@ class LayerInheritance(_MultiLayerLoss):
 
     Args:
         layer_names: a layer name, or a list of distinct layer names.
+            Defaults to None: the Distiller's teacher and student give them
+            (`similarity_layer_names`).
 
     Inputs to `compute_loss`: teacher and student features, each a single
     tensor (B, ...) when there is one name, a list of tensors in
@@ -268,13 +289,21 @@ class LayerInheritance(_MultiLayerLoss):
     Output: a float32 scalar in [0, L].
     """
 
-    def __init__(self, layer_names):
+    def __init__(self, layer_names=None):
+        self.layer_names = None
+        self.teacher_layer_name = self.student_layer_name = None
+        if layer_names is not None:
+            self._set_layer_names(layer_names)
+
+    def _set_layer_names(self, layer_names):
         self.layer_names = _names("layer_names", layer_names, minimum=1)
         single = self.layer_names[0] if len(self.layer_names) == 1 else None
         self.teacher_layer_name = single
         self.student_layer_name = single
 
     def validate_model_compatibility(self, teacher, student):
+        if self.layer_names is None:
+            self._set_layer_names(similarity_layer_names(teacher, student))
         if self.teacher_layer_name is None:
             self._validate_final_outputs(teacher, student)
             return
@@ -300,6 +329,8 @@ class LayerInheritance(_MultiLayerLoss):
 
     def get_config(self):
         names = self.layer_names
+        if names is None:
+            return {"layer_names": None}
         return {"layer_names": names[0] if len(names) == 1 else list(names)}
 
     @classmethod

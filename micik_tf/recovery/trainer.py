@@ -27,9 +27,9 @@ import keras
 import tensorflow as tf
 
 from micik_tf import files
-from micik_tf.recovery import evaluation, losses, strategies
+from micik_tf.recovery import evaluation, losses, objective, strategies
 
-COMPONENTS = ("loss", "ce", "kd", "sim", "inh")
+COMPONENTS = objective.TERMS
 # What a step adds to the epoch's sums: the loss components, then the counts
 # behind the training accuracy.
 SUMMED = COMPONENTS + ("correct", "count")
@@ -146,12 +146,10 @@ class RecoveryTrainer:
         # teacher with training=False.
         self.teacher_features = losses.feature_model(teacher, self.feature_layers)
         self.student_features = losses.feature_model(student, self.feature_layers)
-        self.kd = losses.logits_distillation(config.temperature)
-        self.similarity = (
-            losses.CrossLayerSimilarity(self.feature_layers, config.window, config.w_near, config.w_far)
-            if len(self.feature_layers) >= 2 else None
-        )
-        self.inheritance = losses.LayerInheritance(self.feature_layers) if self.feature_layers else None
+        self.objective = objective.RecoveryObjective(self.feature_layers, objective.Weights(
+            config.alpha, config.beta, config.gamma, config.temperature,
+            config.window, config.w_near, config.w_far,
+        ))
         total = self.steps_per_epoch * config.epochs
         self.optimizer = make_optimizer(config, total)
         self.optimizer.build(student.trainable_variables)
@@ -188,44 +186,19 @@ class RecoveryTrainer:
     # -- steps ---------------------------------------------------------------------
 
     def _replica_losses(self, x, y):
-        config = self.config
         t_out = self.teacher_features(x, training=False)
         s_out = self.student_features(x, training=True)
-        t_logits = tf.cast(t_out[0], tf.float32)
         s_logits = tf.cast(s_out[0], tf.float32)
         per_example = keras.losses.sparse_categorical_crossentropy(y, s_logits, from_logits=True)
-        global_batch = config.batch_size
-        ce = tf.nn.compute_average_loss(per_example, global_batch_size=global_batch)
-        # Batch-level terms: average over replicas by dividing before the sum.
-        share = 1.0 / self.replicas
-        zero = tf.constant(0.0)
-        # No `share` here: LogitsDistillation reduces through a keras.losses
-        # Loss object, and Keras already divides those by the number of
-        # replicas inside a tf.distribute replica context.
-        kd = self.kd.compute_loss(t_logits, s_logits) if config.alpha else zero
-        t_feats, s_feats = list(t_out[1:]), list(s_out[1:])
-        if self.replicas > 1 and (config.beta or config.gamma):
-            # CKA is a statistic of the whole batch: gather every replica's
-            # features so each computes it on the global batch, as one device
-            # would. all_gather's gradient routes back to each replica's slice.
-            context = tf.distribute.get_replica_context()
-            t_feats = [context.all_gather(f, axis=0) for f in t_feats]
-            s_feats = [context.all_gather(f, axis=0) for f in s_feats]
-        sim = (
-            self.similarity.compute_loss(t_feats, s_feats) * share
-            if self.similarity is not None and config.beta else zero
-        )
-        inh = (
-            self.inheritance.compute_loss(t_feats, s_feats) * share
-            if self.inheritance is not None and config.gamma else zero
-        )
-        total = ce + config.alpha * kd + config.beta * sim + config.gamma * inh
-        correct = tf.reduce_sum(
+        # Over the global batch, so that replicas' gradients sum to one
+        # device's (a short last batch still divides by the global size).
+        ce = tf.nn.compute_average_loss(per_example, global_batch_size=self.config.batch_size)
+        logs = self.objective(t_out, s_out, ce)
+        logs["correct"] = tf.reduce_sum(
             tf.cast(tf.equal(tf.argmax(s_logits, -1, output_type=tf.int32), tf.cast(y, tf.int32)), tf.float32)
         )
-        count = tf.cast(tf.shape(y)[0], tf.float32)
-        return total, {"loss": total, "ce": ce, "kd": kd, "sim": sim, "inh": inh,
-                       "correct": correct, "count": count}
+        logs["count"] = tf.cast(tf.shape(y)[0], tf.float32)
+        return logs["loss"], logs
 
     def _make_train_step(self):
         variables = self.student.trainable_variables
