@@ -378,7 +378,7 @@ def _build(model, grouped, plan, kernels, metrics, untouched, seed):
             )
             wrappers[s.name] = _make_wrapper(
                 s, layer_rc, ru, side, name if layer_rc else None,
-                decomposition.relative_error(w, factors.approximation),
+                factors.relative_error,
                 _initialization(metric),
             )
             values[s.name] = (factors, s.layer)

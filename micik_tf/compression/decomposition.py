@@ -68,7 +68,7 @@ def gram_spectrum(gram, right, k, seed=0):
     (`right`: `A^T A`, else `A A^T`)."""
     p = gram.shape[0]
     k = int(min(k, p))
-    total = float(np.trace(gram.astype(np.float64)))
+    total = float(np.trace(gram, dtype=np.float64))
     if k == 0:
         return Spectrum(np.zeros(0, np.float32), np.zeros((p, 0), np.float32), right, total)
     if p <= _EXACT_GRAM_MAX_SIDE or k + _OVERSAMPLE >= p // 2:
@@ -175,46 +175,58 @@ class InputMetric:
         factor: `P`, upper triangular (`m x m`), or the `m` square roots of
             the diagonal.
         covariance: the covariance it was made from (`m x m`, or its
-            diagonal), undamped, in float32, for pooling a group's metrics.
+            diagonal), undamped, in float32, for pooling a group's metrics
+            (None for a pooled metric).
     """
 
     factor: np.ndarray
-    covariance: np.ndarray
+    covariance: np.ndarray | None
 
     @property
     def diagonal(self):
         return self.factor.ndim == 1
 
     @classmethod
-    def from_covariance(cls, covariance, damping=1e-2):
-        """From a full `m x m` covariance, or the `m` variances of a diagonal one."""
+    def from_covariance(cls, covariance, damping=1e-2, keep=True):
+        """From a full `m x m` covariance, or the `m` variances of a diagonal one.
+
+        `keep`: hold on to the covariance for pooling (the caller's float32
+        array itself, not a copy: on VGG-16 copies of every layer's
+        covariance were 0.6 GB).
+        """
         import scipy.linalg
 
+        kept = np.asarray(covariance, dtype=np.float32) if keep else None
         covariance = np.asarray(covariance, dtype=np.float64)
         if covariance.ndim == 1:
             floor = damping * max(float(np.mean(np.abs(covariance))), 1e-12)
             damped = np.maximum(covariance, 0) + floor
-            return cls(np.sqrt(damped).astype(np.float32), covariance.astype(np.float32))
-        covariance = (covariance + covariance.T) / 2
-        # The damping is relative to the mean eigenvalue (the trace over m).
-        floor = damping * max(float(np.trace(covariance)) / len(covariance), 1e-12)
-        damped = covariance + floor * np.eye(len(covariance))
+            return cls(np.sqrt(damped).astype(np.float32), kept)
+        # Symmetrized and damped in float64, relative to the mean eigenvalue
+        # (the trace over m), in place on the one float64 copy.
+        damped = covariance + covariance.T
+        damped *= 0.5
+        floor = damping * max(float(np.trace(damped)) / len(damped), 1e-12)
+        damped[np.diag_indices_from(damped)] += floor
+        del covariance
         try:
-            factor = scipy.linalg.cholesky(damped, lower=False, check_finite=False)
+            factor = scipy.linalg.cholesky(damped, lower=False, check_finite=False,
+                                           overwrite_a=True)
         except np.linalg.LinAlgError:
             # Undamped and singular: a jitter of the same relative size.
-            factor = scipy.linalg.cholesky(damped + 1e-6 * np.mean(np.diag(damped)) *
-                                           np.eye(len(damped)), lower=False)
-        # Kept in float32 for pooling only: on VGG-16 the float64 copies of
-        # every layer's covariance were 1.2 GB.
-        return cls(factor.astype(np.float32), covariance.astype(np.float32))
+            damped = kept.astype(np.float64)
+            damped = (damped + damped.T) / 2
+            damped[np.diag_indices_from(damped)] += floor + 1e-6 * np.mean(np.diag(damped) + floor)
+            factor = scipy.linalg.cholesky(damped, lower=False)
+        return cls(factor.astype(np.float32), kept)
 
     @classmethod
     def pooled(cls, covariances, damping=1e-2):
-        """One metric for a group: the trace-normalised mean covariance."""
+        """One metric for a group: the trace-normalised mean covariance (not
+        kept: a pooled metric is never pooled again)."""
         total = sum(c / max(float(np.sum(c) if c.ndim == 1 else np.trace(c)), 1e-12)
                     for c in covariances)
-        return cls.from_covariance(total / len(covariances), damping)
+        return cls.from_covariance(total / len(covariances), damping, keep=False)
 
     def apply(self, matrix):
         if self.diagonal:
@@ -254,19 +266,23 @@ def shared_basis(matrices, rank, side="input", metric=None, seed=0):
             list of per-layer metrics on the output side.
     """
     if side == "input":
-        scaled = [_apply(metric, w) for w in matrices]
-        stacked = np.concatenate(
-            [w / max(np.linalg.norm(w), 1e-12) for w in scaled], axis=1
-        )
-        u, _, _ = top_svd(stacked, rank, seed=seed)
+        u, _, _ = top_svd(_normalized_stack(matrices, [metric] * len(matrices), 1), rank, seed=seed)
         return _unapply(metric, u)
     metrics = metric if metric is not None else [None] * len(matrices)
-    scaled = [_apply(p, w) for p, w in zip(metrics, matrices)]
-    stacked = np.concatenate(
-        [w / max(np.linalg.norm(w), 1e-12) for w in scaled], axis=0
-    )
-    _, _, vt = top_svd(stacked, rank, seed=seed)
+    _, _, vt = top_svd(_normalized_stack(matrices, metrics, 0), rank, seed=seed)
     return vt
+
+
+def _normalized_stack(matrices, metrics, axis):
+    """`[P_1 W_1/||P_1 W_1|| ...]` stacked along `axis`, with one whitened copy
+    of each kernel at a time (fc6's is 0.4 GB) rather than three."""
+    parts = []
+    for w, metric in zip(matrices, metrics):
+        x = _apply(metric, w)
+        scale = 1.0 / max(float(np.linalg.norm(x)), 1e-12)
+        # In place on a whitened copy; never on the caller's kernel.
+        parts.append(x * scale if x is w else np.multiply(x, scale, out=x, casting="unsafe"))
+    return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=axis)
 
 
 def coefficients(matrix, basis, side="input", metric=None):
@@ -289,14 +305,43 @@ def common_part(basis, coeffs, side="input"):
     return basis @ coeffs if side == "input" else coeffs @ basis
 
 
+# Rows per block where a kernel-sized float64 array would otherwise be built.
+_BLOCK = 2048
+
+
 @dataclasses.dataclass
 class Factors:
-    """One layer's factors: `W_hat = common + unique_left @ unique_right`."""
+    """One layer's factors: `W_hat = common + unique_left @ unique_right`,
+    with `common = basis @ coefficients` (input side) or `coefficients @
+    basis` (output side).
+
+    They are small; `W_hat` itself (as large as the kernel: 0.4 GB for
+    VGG-16's fc6) is built only on request, a block of rows at a time.
+    """
 
     coefficients: np.ndarray | None
     unique_left: np.ndarray | None
     unique_right: np.ndarray | None
-    approximation: np.ndarray
+    basis: np.ndarray | None
+    side: str
+    shape: tuple
+    relative_error: float = float("nan")
+
+    def rows(self, start, stop):
+        """Rows `start:stop` of `W_hat`, in float64."""
+        block = np.zeros((min(stop, self.shape[0]) - start, self.shape[1]))
+        if self.coefficients is not None:
+            if self.side == "input":
+                block += self.basis[start:stop] @ self.coefficients
+            else:
+                block += self.coefficients[start:stop] @ self.basis
+        if self.unique_left is not None:
+            block += self.unique_left[start:stop] @ self.unique_right
+        return block
+
+    @property
+    def approximation(self):
+        return self.rows(0, self.shape[0])
 
 
 def factorize(matrix, rank_unique, basis=None, side="input", metric=None, seed=0, known=None):
@@ -306,16 +351,20 @@ def factorize(matrix, rank_unique, basis=None, side="input", metric=None, seed=0
     part minimises the output error; the factors are balanced (`sqrt(S)` on
     each side), which trains better than putting all the scale on one side.
     `known`: the `Spectrum` of the whitened residual, if already computed.
+    The returned factors carry `||W - W_hat|| / ||W||`.
     """
     matrix = np.asarray(matrix, dtype=np.float32)
-    coeffs = None
-    approximation = np.zeros_like(matrix)
-    if basis is not None and basis.size:
-        coeffs = coefficients(matrix, basis, side, metric)
-        approximation = common_part(basis, coeffs, side)
-    left = right = None
+    has_basis = basis is not None and basis.size
+    coeffs = coefficients(matrix, basis, side, metric) if has_basis else None
+    factors = Factors(coeffs, None, None, basis if has_basis else None, side, matrix.shape)
     if rank_unique:
-        u, s, vt = top_svd(_apply(metric, matrix - approximation), rank_unique, seed, known)
+        residual = matrix
+        if has_basis:
+            residual = matrix.copy()
+            for start in range(0, len(matrix), _BLOCK):
+                residual[start:start + _BLOCK] -= factors.rows(start, start + _BLOCK)
+        u, s, vt = top_svd(_apply(metric, residual), rank_unique, seed, known)
+        del residual
         root = np.sqrt(s)
         left = _unapply(metric, u * root)
         right = root[:, None] * vt
@@ -325,8 +374,9 @@ def factorize(matrix, rank_unique, basis=None, side="input", metric=None, seed=0
             pad = rank_unique - left.shape[1]
             left = np.pad(left, ((0, 0), (0, pad)))
             right = np.pad(right, ((0, pad), (0, 0)))
-        approximation = approximation + left @ right
-    return Factors(coeffs, left, right, approximation)
+        factors.unique_left, factors.unique_right = left, right
+    factors.relative_error = relative_error(matrix, factors)
+    return factors
 
 
 class ResidualGrams:
@@ -351,11 +401,19 @@ class ResidualGrams:
         # of ||W||^2 (rather than of the residual's energy), far below any
         # error the allocator weighs; float64 products here took 5x longer.
         self.gram = w.T @ w if self.right else w @ w.T
-        self.reference = float(np.trace(self.gram.astype(np.float64)))
-        # Only the `G - C^T C` forms read `P W` again; the projections `L G L`
-        # need the Gram alone, so a whitened copy (fc6's is 0.4 GB) is not kept.
-        self.whitened = w if (side == "input") == self.right else None
+        self.reference = float(np.trace(self.gram, dtype=np.float64))
+        # Only the `G - C^T C` forms read `P W` again, and only for a basis
+        # (never for a layer alone in its group): it is recomputed then
+        # rather than kept (fc6's is 0.4 GB).
+        self._matrix, self._whitened = matrix, None
         self._basis = self._q = None  # the last basis and its orthonormal P B
+
+    @property
+    def whitened(self):
+        """`P W`, computed on first use and then kept."""
+        if self._whitened is None:
+            self._whitened = _apply(self.metric, np.asarray(self._matrix, dtype=np.float32))
+        return self._whitened
 
     def residual_gram(self, basis, rank=None):
         """The Gram matrix (on the smaller side) of the whitened residual
@@ -440,8 +498,17 @@ def common_rank_errors(matrix, basis, side="input", metric=None):
     return np.maximum(reference - energy, 0.0), reference
 
 
-def relative_error(matrix, approximation):
-    matrix = np.asarray(matrix, dtype=np.float64)
-    return float(
-        np.linalg.norm(matrix - approximation) / max(np.linalg.norm(matrix), 1e-12)
-    )
+def relative_error(matrix, approximation, block=None):
+    """`||W - W_hat|| / ||W||` in float64, for `W_hat` an array or `Factors`,
+    a block of rows at a time (no full-size float64 copy of either)."""
+    squared = total = 0.0
+    block = block or _BLOCK
+    for start in range(0, matrix.shape[0], block):
+        rows = np.asarray(matrix[start:start + block], dtype=np.float64)
+        if isinstance(approximation, Factors):
+            estimate = approximation.rows(start, start + block)
+        else:
+            estimate = approximation[start:start + block]
+        squared += float(np.sum(np.square(rows - estimate)))
+        total += float(np.sum(np.square(rows)))
+    return float(np.sqrt(squared) / max(np.sqrt(total), 1e-12))
