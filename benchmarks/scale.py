@@ -247,6 +247,33 @@ def run_suite(smoke=False, parts=tuple(PARTS), log=print):
     return result
 
 
+def rerun_parts(parts, path, commit, smoke=False, log=print):
+    """Reruns `parts` and keeps the others' results from the file at `path`.
+
+    Every part records the commit that measured it in `part_commits` (parts
+    kept from a file without that record take the file's `git_commit`).
+    """
+    unknown = sorted(set(parts) - set(PARTS))
+    if unknown:
+        raise ValueError(f"--parts: unknown {unknown}; the parts are {sorted(PARTS)}.")
+    with open(path) as f:
+        old = json.load(f)
+    if bool(old.get("smoke")) != smoke:
+        raise ValueError(f"--parts: {path} is {'a smoke' if old.get('smoke') else 'a full'} "
+                         "run; rerun the whole suite instead.")
+    fresh = run_suite(smoke, parts=tuple(parts), log=log)
+    commits = dict(old.get("part_commits") or {p: old["git_commit"] for p in PARTS if p in old})
+    result = {"targets": TARGETS}
+    for part in PARTS:
+        if part in fresh:
+            result[part], commits[part] = fresh[part], commit
+        elif part in old:
+            result[part] = old[part]
+    result["part_commits"] = commits
+    result["verdicts"] = verdicts(result)
+    return result
+
+
 def verdicts(result):
     """Each target, the measured value, and whether it was met."""
     out = []
@@ -278,7 +305,10 @@ def markdown(result, command):
     lines = [f"# scale{' (smoke)' if result['smoke'] else ''}", "",
              f"Written {result['written']} by `{command}` at commit "
              f"`{result['machine']['git_commit']}`, {result['machine']['cpu_count']} CPU cores, "
-             f"GPUs: {result['machine']['gpus'] or 'none'}.", "",
+             f"GPUs: {result['machine']['gpus'] or 'none'}."
+             + ("" if not result.get("part_commits") else " Parts measured at commits: "
+                + ", ".join(f"{k} `{v[:7]}`" for k, v in result["part_commits"].items()) + "."),
+             "",
              "| measure | case | measured | target | met |", "|---|---|---:|---:|---|"]
     for v in result["verdicts"]:
         lines.append(f"| {v['measure']} | {v['case']} | {v['value']:.2f} | {v['target']:g} "

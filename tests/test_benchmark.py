@@ -123,3 +123,22 @@ def test_deploy_smoke(tmp_path):
     assert stacked["gzip_size_ratio"] == pytest.approx(
         teacher["tflite"]["gzip_bytes"] / stacked["gzip_bytes"])
     assert stacked["raw_size_ratio"] == pytest.approx(teacher["tflite"]["bytes"] / stacked["bytes"])
+
+
+def test_scale_rerun_of_some_parts_keeps_the_others_with_their_commit(tmp_path, monkeypatch):
+    from benchmarks import scale
+
+    old = {"smoke": False, "git_commit": "aaaa111", "targets": scale.TARGETS,
+           "pipeline": [{"examples": 5, "peak_rss_gb": 1.0, "examples_per_second": 3.0}],
+           "compress": {"runs": []}}
+    path = tmp_path / "scale.json"
+    path.write_text(json.dumps(old))
+    fresh = {"compress": {"model_params": 1, "runs": [{"mode": "micik", "ratio": 4.0}]}}
+    monkeypatch.setattr(scale, "run_suite", lambda smoke, parts, log: dict(fresh))
+    monkeypatch.setattr(scale, "verdicts", lambda result: [])
+    result = scale.rerun_parts(["compress"], str(path), "bbbb222", log=lambda *_: None)
+    assert result["pipeline"] == old["pipeline"]
+    assert result["compress"] == fresh["compress"]
+    assert result["part_commits"] == {"pipeline": "aaaa111", "compress": "bbbb222"}
+    with pytest.raises(ValueError, match="unknown"):
+        scale.rerun_parts(["pipelin"], str(path), "c")

@@ -51,6 +51,9 @@ def define_flags():
                       "no ablations (about half an hour once the teacher is trained).")
     flags.DEFINE_integer("workers", 1, "curve: processes sharing the runs (2 on 2 cores: "
                          "about 1.2x the throughput of one).", lower_bound=1)
+    flags.DEFINE_list("parts", None, "scale: rerun only these parts (pipeline, calibration, "
+                      "compress, train_step) and keep the others from the existing scale.json; "
+                      "each part records the commit that measured it.")
     flags.DEFINE_bool("allow_dirty", False, "Run from a tree with uncommitted changes; the "
                       "results record that they were (`git_commit` ends in -dirty).")
     flags.DEFINE_bool("progress", False, "curve: write the results of the runs recorded so "
@@ -90,6 +93,9 @@ def _run(suite, ratios, smoke):
     if suite == "curve":
         return lib.run_suite(lib.protocol_for(FLAGS.quick, smoke), FLAGS.output_dir,
                              workers=FLAGS.workers)
+    if suite == "scale" and FLAGS.parts:
+        return lib.rerun_parts(FLAGS.parts, os.path.join(FLAGS.output_dir, "scale.json"),
+                               git_commit(), smoke), None
     if suite in ("paper", "scale"):
         return lib.run_suite(smoke), None
     return lib.run_suite(ratios[0], smoke), None
@@ -139,6 +145,8 @@ def _command(suite, result):
         parts.append("--progress")
     if result["smoke"]:
         parts.append("--smoke")
+    if result.get("part_commits") and FLAGS.parts:
+        parts.append(f"--parts={','.join(FLAGS.parts)}")
     return " ".join(parts)
 
 
@@ -176,6 +184,8 @@ def main(argv):
     suite = FLAGS.suite
     if FLAGS.progress and suite != "curve":
         raise app.UsageError("--progress is for --suite=curve only.")
+    if FLAGS.parts and suite != "scale":
+        raise app.UsageError("--parts is for --suite=scale only.")
     if FLAGS.rerender:
         return _rerender(suite)
     ratios = [float(r) for r in (FLAGS.ratios if FLAGS.ratios is not None else DEFAULT_RATIOS[suite])]
