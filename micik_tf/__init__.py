@@ -18,7 +18,7 @@ imports tensorflow-model-optimization or tf_keras, so TensorFlow's Keras stays K
 
 from micik_tf.compression import DEFAULT_RATIO, Report, compress, recalibrate_batchnorm, report
 from micik_tf.deploy import export
-from micik_tf.layers import FactorizedConv2D, FactorizedDense, SharedBasis
+from micik_tf.layers import FactorizedConv1D, FactorizedConv2D, FactorizedDense, SharedBasis
 from micik_tf.recovery.distiller import Distiller
 from micik_tf.recovery.losses import (
     CrossLayerSimilarity,
@@ -34,6 +34,7 @@ __all__ = [
     "CrossLayerSimilarity",
     "DEFAULT_RATIO",
     "Distiller",
+    "FactorizedConv1D",
     "FactorizedConv2D",
     "FactorizedDense",
     "LayerInheritance",

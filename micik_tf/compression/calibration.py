@@ -201,7 +201,7 @@ def _single_input(model):
 
 def sampled_rows(site, value, per_image, rng):
     """Up to `per_image` rows per example of the site's input `x` (with
-    `y = x W`): features of a Dense layer, patches of a Conv2D.
+    `y = x W`): features of a Dense layer, patches of a convolution.
 
     For a convolution the output positions are drawn first and only their
     `k x k x C` patches are gathered, from the input padded as the layer pads
@@ -213,11 +213,21 @@ def sampled_rows(site, value, per_image, rng):
             rows = rows[rng.choice(len(rows), per_image * len(value), replace=False)]
         return rows
     layer = site.layer
+    size, strides, dilation = (tuple(layer.kernel_size), tuple(layer.strides),
+                               tuple(layer.dilation_rate))
+    padding = layer.padding
+    if site.kind == "conv1d":
+        # A Conv1D is a Conv2D of height 1; causal padding pads the past.
+        value = value[:, None]
+        size, strides, dilation = (1,) + size, (1,) + strides, (1,) + dilation
+    (kh, kw), (sh, sw), (dh, dw) = size, strides, dilation
+    if site.kind == "conv1d":
+        if padding == "causal":
+            value = np.pad(value, ((0, 0), (0, 0), ((kw - 1) * dw, 0), (0, 0)))
+            padding = "valid"
     batch, height, width, _ = value.shape
-    (kh, kw), (sh, sw) = layer.kernel_size, layer.strides
-    dh, dw = layer.dilation_rate
     span_h, span_w = (kh - 1) * dh + 1, (kw - 1) * dw + 1
-    if layer.padding == "same":
+    if padding == "same":
         out_h, out_w = -(-height // sh), -(-width // sw)
         pad_h = max((out_h - 1) * sh + span_h - height, 0)
         pad_w = max((out_w - 1) * sw + span_w - width, 0)

@@ -17,7 +17,7 @@ from micik_tf.compression.grouping import (
     resolve_names,
     site_side,
 )
-from micik_tf.layers import FactorizedConv2D, FactorizedDense, SharedBasis
+from micik_tf.layers import FACTORIZED, FactorizedConv1D, FactorizedConv2D, FactorizedDense, SharedBasis
 from micik_tf.validation import float_above, one_of, positive_int
 
 DEFAULT_RATIO = 4.0
@@ -51,7 +51,7 @@ def compress(
 ):
     """Compresses a Keras model with MICIK's shared + unique factorization.
 
-    Dense and Conv2D layers whose kernels share a dimension are grouped; each
+    Dense, Conv1D and Conv2D layers whose kernels share a dimension are grouped; each
     group gets one shared basis (a `SharedBasis` layer) and each layer its
     coefficients on it plus a small unique low-rank part. A global allocator
     picks the ranks that reach `ratio` with the least relative error.
@@ -161,7 +161,7 @@ def _select(model, mode, share, groups, exclude, ranks):
     if not sites:
         raise ValueError(
             f"Model '{model.name}' has no compressible layers: compress() "
-            "factorizes Dense and Conv2D (channels_last, groups=1) layers. "
+            "factorizes Dense, Conv1D and Conv2D (channels_last, groups=1) layers. "
             "Untouched: " + _format_untouched(untouched)
         )
     excluded = {s.name for s in resolve_names(_names(exclude, "exclude"), sites, "exclude")}
@@ -394,7 +394,7 @@ def _build(model, grouped, plan, kernels, metrics, untouched, seed):
         return new
 
     def call_layer(layer, path, args, kwargs):
-        if isinstance(layer, (FactorizedDense, FactorizedConv2D)) and layer.rank_common:
+        if isinstance(layer, FACTORIZED) and layer.rank_common:
             basis = basis_layers[layer.group](args[0])
             return layer([args[0], basis], **kwargs)
         return layer(*args, **kwargs)
@@ -439,7 +439,8 @@ def _make_wrapper(site, rank_common, rank_unique, side, group, error, initializa
     )
     if site.kind == "dense":
         return FactorizedDense(layer.units, **common)
-    return FactorizedConv2D(
+    wrapper = FactorizedConv1D if site.kind == "conv1d" else FactorizedConv2D
+    return wrapper(
         layer.filters,
         layer.kernel_size,
         strides=layer.strides,

@@ -1,9 +1,10 @@
 """Finding the layers MICIK can compress, and grouping them by compatibility.
 
-A *site* is a Dense or Conv2D layer whose kernel can be written as a matrix
-and replaced by a factorized wrapper. Two sites may share a basis only when
-the computation stays valid: for Conv2D on the input side that means the same
-kernel size, `C_in`, strides, padding and dilation (MICIK.md section 1); on
+A *site* is a Dense, Conv1D or Conv2D layer whose kernel can be written as a
+matrix and replaced by a factorized wrapper. Two sites may share a basis only
+when the computation stays valid: for a convolution on the input side that
+means the same kernel size, `C_in`, strides, padding and dilation (MICIK.md
+section 1); on
 the output side the same `C_out` (the shared factor is the 1x1 stage). Groups
 never cross nested-model boundaries, because a layer shared between two
 sibling sub-models would be stored twice by `.keras` saving.
@@ -25,7 +26,7 @@ class Site:
 
     layer: keras.layers.Layer
     path: tuple  # names of the enclosing nested models, then the layer's name
-    kind: str  # "dense" or "conv2d"
+    kind: str  # "dense", "conv1d" or "conv2d"
     m: int
     n: int
 
@@ -46,10 +47,10 @@ class Site:
             return (self.owner, "dense", "input", self.m)
         return (
             self.owner,
-            "conv2d",
+            self.kind,
             "input",
             tuple(layer.kernel_size),
-            int(layer.kernel.shape[2]),
+            int(layer.kernel.shape[-2]),
             tuple(layer.strides),
             layer.padding,
             tuple(layer.dilation_rate),
@@ -62,8 +63,8 @@ class Site:
             return f"Dense with {self.m} inputs"
         layer = self.layer
         return (
-            f"Conv2D {layer.kernel_size[0]}x{layer.kernel_size[1]}, "
-            f"C_in={layer.kernel.shape[2]}, strides={tuple(layer.strides)}, "
+            f"{type(layer).__name__} {'x'.join(str(k) for k in layer.kernel_size)}, "
+            f"C_in={layer.kernel.shape[-2]}, strides={tuple(layer.strides)}, "
             f"padding={layer.padding!r}, dilation={tuple(layer.dilation_rate)}"
         )
 
@@ -98,22 +99,22 @@ def untouched_reason(layer):
         if getattr(layer, "quantization_mode", None):
             return "quantized Dense: compress before quantizing"
         return None
-    if type(layer) is keras.layers.Conv2D:
-        if layer.groups != 1:
-            return "grouped Conv2D (groups > 1): its kernel is block-diagonal"
-        if layer.data_format != "channels_last":
-            return "Conv2D with channels_first data: use channels_last"
-        if getattr(layer, "lora_enabled", False):
-            return "Conv2D with LoRA enabled: merge the LoRA weights first"
-        return None
     name = type(layer).__name__
+    if type(layer) in (keras.layers.Conv1D, keras.layers.Conv2D):
+        if layer.groups != 1:
+            return f"grouped {name} (groups > 1): its kernel is block-diagonal"
+        if layer.data_format != "channels_last":
+            return f"{name} with channels_first data: use channels_last"
+        if getattr(layer, "lora_enabled", False):
+            return f"{name} with LoRA enabled: merge the LoRA weights first"
+        return None
     if isinstance(layer, (keras.layers.DepthwiseConv2D,)):
         return f"{name}: a depthwise kernel has no matrix dimension to share"
     if isinstance(layer, (keras.layers.BatchNormalization, keras.layers.LayerNormalization)):
         return f"{name}: per-channel parameters, nothing to factorize"
-    if isinstance(layer, (keras.layers.Dense, keras.layers.Conv2D)):
-        return f"{name}: a subclass of Dense/Conv2D, whose custom call is kept as it is"
-    return f"{name}: not a Dense or Conv2D layer"
+    if isinstance(layer, (keras.layers.Dense, keras.layers.Conv1D, keras.layers.Conv2D)):
+        return f"{name}: a subclass of Dense/Conv1D/Conv2D, whose custom call is kept as it is"
+    return f"{name}: not a Dense, Conv1D or Conv2D layer"
 
 
 def walk(model):
@@ -152,7 +153,8 @@ def find_sites(model):
         reason = untouched_reason(layer)
         if reason is None:
             kernel_shape = tuple(layer.kernel.shape)
-            kind = "dense" if isinstance(layer, keras.layers.Dense) else "conv2d"
+            kind = {keras.layers.Dense: "dense", keras.layers.Conv1D: "conv1d",
+                    keras.layers.Conv2D: "conv2d"}[type(layer)]
             m = int(np.prod(kernel_shape[:-1]))
             sites.append(Site(layer, path, kind, m, int(kernel_shape[-1])))
         elif layer.weights:
@@ -192,7 +194,7 @@ def resolve_names(names, sites, argument):
             hints.append(f"'{name}'" + (f" (did you mean '{close[0]}'?)" if close else ""))
         raise ValueError(
             f"Unknown layer names in `{argument}`: {', '.join(hints)}. Only "
-            f"Dense and Conv2D layers can be named; compressible layers are: "
+            f"Dense, Conv1D and Conv2D layers can be named; compressible layers are: "
             f"{', '.join(sorted(by_path)) or 'none'}."
         )
     return resolved
@@ -226,7 +228,7 @@ def group_sites(sites, share="auto", forced=()):
             raise ValueError(
                 "Layers in one group must have the same "
                 + (
-                    "kernel size, C_in, strides, padding and dilation (Conv2D) "
+                    "kernel size, C_in, strides, padding and dilation (convolutions) "
                     "or input size (Dense), and live in the same (nested) model"
                     if side == "input"
                     else "output size and layer type, and live in the same model"

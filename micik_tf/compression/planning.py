@@ -51,8 +51,8 @@ def group_name(index, side, members):
     elif s.kind == "dense":
         shape = f"dense{s.m}"
     else:
-        k = s.layer.kernel_size
-        shape = f"{k[0]}x{k[1]}x{s.layer.kernel.shape[2]}"
+        # e.g. 3x3x64 (Conv2D) or 5x64 (Conv1D): kernel size, then C_in.
+        shape = "x".join(str(d) for d in tuple(s.layer.kernel_size) + (s.layer.kernel.shape[-2],))
     return f"shared_basis_{index}_{shape}"
 
 

@@ -8,9 +8,9 @@ import keras
 
 from micik_tf.compression import decomposition
 from micik_tf.compression.grouping import untouched_reason, walk
-from micik_tf.layers import FactorizedConv2D, FactorizedDense, SharedBasis
+from micik_tf.layers import FACTORIZED, SharedBasis
 
-_WRAPPERS = (FactorizedDense, FactorizedConv2D)
+_WRAPPERS = FACTORIZED
 
 # A Dense/Conv2D that compress() could have factorized but left as it was. The
 # model records no more than that (the same before and after `.keras` saving);

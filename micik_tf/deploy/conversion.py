@@ -15,7 +15,7 @@ import tensorflow as tf
 from keras import ops
 
 from micik_tf.compression import graph
-from micik_tf.layers import FactorizedConv2D, FactorizedDense
+from micik_tf.layers import FACTORIZED
 
 
 class _SplitFactorized(keras.layers.Layer):
@@ -58,7 +58,7 @@ def conversion_view(model):
 
     def make_layer(layer, path):
         if (
-            isinstance(layer, (FactorizedDense, FactorizedConv2D))
+            isinstance(layer, FACTORIZED)
             and layer.rank_common
             and layer.rank_unique
         ):

@@ -13,7 +13,7 @@ import math
 import keras
 
 from micik_tf.compression.grouping import walk
-from micik_tf.layers import FactorizedConv2D, FactorizedDense
+from micik_tf.layers import FACTORIZED
 
 
 def _positions(layer):
@@ -34,10 +34,10 @@ def forward_macs(model):
     """
     layers = {}
     for layer, path in walk(model):
-        if isinstance(layer, (FactorizedDense, FactorizedConv2D)):
+        if isinstance(layer, FACTORIZED):
             rank = layer.rank_common + layer.rank_unique
             per_position = layer.kernel_rows * rank + rank * layer.units
-        elif isinstance(layer, (keras.layers.Conv2D, keras.layers.Dense)):
+        elif isinstance(layer, (keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.Dense)):
             kernel = layer.kernel.shape
             per_position = math.prod(int(d) for d in kernel)
         else:

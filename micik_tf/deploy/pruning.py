@@ -35,7 +35,7 @@ import tensorflow as tf
 from keras import ops
 
 from micik_tf.compression.grouping import walk
-from micik_tf.layers import FactorizedConv2D, FactorizedDense, SharedBasis
+from micik_tf.layers import FACTORIZED, SharedBasis
 from micik_tf.recovery.strategies import in_replica_context
 from micik_tf.validation import fraction, int_at_least, one_of, positive_float
 
@@ -191,11 +191,11 @@ def prunable_variables(model, include_dense_kernels=False):
             continue
         if isinstance(layer, SharedBasis):
             add(layer.basis)
-        elif isinstance(layer, (FactorizedDense, FactorizedConv2D)):
+        elif isinstance(layer, FACTORIZED):
             for name in FACTOR_NAMES:
                 add(getattr(layer, name, None))
         elif include_dense_kernels and isinstance(
-            layer, (keras.layers.Dense, keras.layers.Conv2D)
+            layer, (keras.layers.Dense, keras.layers.Conv1D, keras.layers.Conv2D)
         ):
             add(layer.kernel)
     return found

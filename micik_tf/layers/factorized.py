@@ -1,4 +1,4 @@
-"""Wrapper layers that replace a Dense or Conv2D by MICIK's factorized form.
+"""Wrapper layers that replace a Dense, Conv1D or Conv2D by MICIK's factorized form.
 
 A compressed layer computes
 
@@ -13,6 +13,8 @@ low-rank part. For a convolution, `x*L` is a `k x k` convolution to
 `r_c + r_u` channels and the product with `[R; V]` is a 1x1 convolution,
 so both the storage and the FLOPs fall when the ranks are small.
 """
+
+import math
 
 import numpy as np
 
@@ -254,8 +256,90 @@ class FactorizedDense(_Factorized):
         return tuple(x_shape[:-1]) + (self.units,)
 
 
+class _FactorizedConv(_Factorized):
+    """The convolutions: a `k...` convolution to `r_c + r_u` channels, then a
+    1x1 convolution (a matmul over channels) to `filters` channels."""
+
+    _units_name = "filters"
+    _spatial = 2
+    _paddings = ("valid", "same")
+
+    def __init__(
+        self,
+        filters,
+        kernel_size,
+        strides=1,
+        padding="valid",
+        dilation_rate=1,
+        **kwargs,
+    ):
+        data_format = kwargs.pop("data_format", "channels_last")
+        name = type(self).__name__
+        if data_format not in (None, "channels_last"):
+            raise ValueError(
+                f"{name} supports data_format='channels_last' only. "
+                f"Received: data_format={data_format!r}"
+            )
+        super().__init__(filters, **kwargs)
+        self.kernel_size = _tuple("kernel_size", kernel_size, self._spatial)
+        self.strides = _tuple("strides", strides, self._spatial)
+        self.dilation_rate = _tuple("dilation_rate", dilation_rate, self._spatial)
+        self.padding = one_of("padding", str(padding).lower(), self._paddings)
+        if max(self.strides) > 1 and max(self.dilation_rate) > 1:
+            raise ValueError(
+                "`strides` > 1 and `dilation_rate` > 1 cannot be combined "
+                f"(as in Conv{self._spatial}D). Received: strides={self.strides}, "
+                f"dilation_rate={self.dilation_rate}"
+            )
+
+    @property
+    def filters(self):
+        return self.units
+
+    def _kernel_rows(self, input_shape):
+        if len(input_shape) != self._spatial + 2 or input_shape[-1] is None:
+            raise ValueError(
+                f"Layer '{self.name}' expects a {self._spatial + 2}D channels-last "
+                f"input with a known channel count. Received input shape: {input_shape}"
+            )
+        self.input_channels = int(input_shape[-1])
+        return math.prod(self.kernel_size) * self.input_channels
+
+    def kernel_shape(self):
+        """Shape of the dense kernel this layer stands for."""
+        return self.kernel_size + (self.input_channels, self.units)
+
+    def project(self, x, left):
+        kernel = ops.reshape(
+            left, self.kernel_size + (self.input_channels, ops.shape(left)[-1])
+        )
+        padding = self.padding
+        if padding == "causal":
+            # As Conv1D does: pad the past, then a valid convolution.
+            x = ops.pad(x, ((0, 0), ((self.kernel_size[0] - 1) * self.dilation_rate[0], 0),
+                            (0, 0)))
+            padding = "valid"
+        return ops.conv(
+            x,
+            kernel,
+            strides=self.strides,
+            padding=padding,
+            data_format="channels_last",
+            dilation_rate=self.dilation_rate,
+        )
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "kernel_size": self.kernel_size,
+            "strides": self.strides,
+            "padding": self.padding,
+            "dilation_rate": self.dilation_rate,
+        }
+
+
 @keras.saving.register_keras_serializable(package="micik_tf")
-class FactorizedConv2D(_Factorized):
+class FactorizedConv2D(_FactorizedConv):
     """A `Conv2D` layer stored as shared + unique low-rank factors.
 
     The first stage is a `k x k` convolution to `r_c + r_u` channels, the second
@@ -278,82 +362,46 @@ class FactorizedConv2D(_Factorized):
         `(batch, new_height, new_width, filters)`.
     """
 
-    _units_name = "filters"
 
-    def __init__(
-        self,
-        filters,
-        kernel_size,
-        strides=1,
-        padding="valid",
-        dilation_rate=1,
-        **kwargs,
-    ):
-        data_format = kwargs.pop("data_format", "channels_last")
-        if data_format not in (None, "channels_last"):
-            raise ValueError(
-                "FactorizedConv2D supports data_format='channels_last' only. "
-                f"Received: data_format={data_format!r}"
-            )
-        super().__init__(filters, **kwargs)
-        self.kernel_size = _pair("kernel_size", kernel_size)
-        self.strides = _pair("strides", strides)
-        self.dilation_rate = _pair("dilation_rate", dilation_rate)
-        self.padding = one_of("padding", str(padding).lower(), ("valid", "same"))
-        if max(self.strides) > 1 and max(self.dilation_rate) > 1:
-            raise ValueError(
-                "`strides` > 1 and `dilation_rate` > 1 cannot be combined "
-                f"(as in Conv2D). Received: strides={self.strides}, "
-                f"dilation_rate={self.dilation_rate}"
-            )
+@keras.saving.register_keras_serializable(package="micik_tf")
+class FactorizedConv1D(_FactorizedConv):
+    """A `Conv1D` layer stored as shared + unique low-rank factors.
 
-    @property
-    def filters(self):
-        return self.units
+    The first stage is a width-`k` convolution to `r_c + r_u` channels, the
+    second a pointwise one to `filters` channels.
 
-    def _kernel_rows(self, input_shape):
-        if len(input_shape) != 4 or input_shape[-1] is None:
-            raise ValueError(
-                f"Layer '{self.name}' expects a 4D channels-last input with a "
-                f"known channel count. Received input shape: {input_shape}"
-            )
-        self.input_channels = int(input_shape[-1])
-        return self.kernel_size[0] * self.kernel_size[1] * self.input_channels
+    Args:
+        filters: number of output channels `n`.
+        kernel_size: int or 1-tuple, as in `Conv1D`.
+        strides: int or 1-tuple.
+        padding: `"valid"`, `"same"` or `"causal"`.
+        dilation_rate: int or 1-tuple.
+        The other arguments are those of `FactorizedDense`.
 
-    def kernel_shape(self):
-        """Shape of the dense kernel this layer stands for."""
-        return self.kernel_size + (self.input_channels, self.units)
+    Input shape:
+        `x` of shape `(batch, steps, C_in)` (channels last), or `[x, basis]`
+        when `rank_common` > 0. The kernel matrix has `m = k * C_in` rows.
 
-    def project(self, x, left):
-        kernel = ops.reshape(
-            left, self.kernel_size + (self.input_channels, ops.shape(left)[-1])
-        )
-        return ops.conv(
-            x,
-            kernel,
-            strides=self.strides,
-            padding=self.padding,
-            data_format="channels_last",
-            dilation_rate=self.dilation_rate,
-        )
+    Output shape:
+        `(batch, new_steps, filters)`.
+    """
 
-    def get_config(self):
-        return {
-            **super().get_config(),
-            "kernel_size": self.kernel_size,
-            "strides": self.strides,
-            "padding": self.padding,
-            "dilation_rate": self.dilation_rate,
-        }
+    _spatial = 1
+    _paddings = ("valid", "same", "causal")
 
 
-def _pair(name, value):
+def _tuple(name, value, length):
     if isinstance(value, int):
-        value = (value, value)
+        value = (value,) * length
     value = tuple(value)
-    if len(value) != 2:
+    if len(value) != length:
+        what = "an int or a pair of ints" if length == 2 else f"an int or {length} ints"
         raise ValueError(
-            f"Received an invalid value for `{name}`, expected an int or a "
-            f"pair of ints. Received: {name}={value!r}"
+            f"Received an invalid value for `{name}`, expected {what}. "
+            f"Received: {name}={value!r}"
         )
     return tuple(positive_int(name, v) for v in value)
+
+
+# Every wrapper compress() builds, for code that treats them alike.
+FACTORIZED = (FactorizedDense, FactorizedConv1D, FactorizedConv2D)

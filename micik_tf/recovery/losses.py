@@ -37,7 +37,7 @@ import numpy as np
 import keras
 from keras import ops
 
-from micik_tf.layers import FactorizedConv2D, FactorizedDense
+from micik_tf.layers import FACTORIZED
 from micik_tf.validation import names as _names
 from micik_tf.validation import non_negative_float as _non_negative_float
 from micik_tf.validation import positive_int
@@ -47,8 +47,8 @@ from micik_tf.validation import positive_int
 # negligible next to any real norm (which is at least 1/B after normalization).
 _EPSILON = 1e-12
 
-_TEACHER_TYPES = (keras.layers.Conv2D, keras.layers.Dense)
-_STUDENT_TYPES = _TEACHER_TYPES + (FactorizedConv2D, FactorizedDense)
+_TEACHER_TYPES = (keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.Dense)
+_STUDENT_TYPES = _TEACHER_TYPES + FACTORIZED
 
 
 # ---------------------------------------------------------------------------
