@@ -18,7 +18,13 @@ imports tensorflow-model-optimization or tf_keras, so TensorFlow's Keras stays K
 
 from micik_tf.compression import DEFAULT_RATIO, Report, compress, recalibrate_batchnorm, report
 from micik_tf.deploy import export
-from micik_tf.layers import FactorizedConv1D, FactorizedConv2D, FactorizedDense, SharedBasis
+from micik_tf.layers import (
+    FactorizedConv1D,
+    FactorizedConv2D,
+    FactorizedDense,
+    FactorizedEinsumDense,
+    SharedBasis,
+)
 from micik_tf.recovery.distiller import Distiller
 from micik_tf.recovery.losses import (
     CrossLayerSimilarity,
@@ -37,6 +43,7 @@ __all__ = [
     "FactorizedConv1D",
     "FactorizedConv2D",
     "FactorizedDense",
+    "FactorizedEinsumDense",
     "LayerInheritance",
     "Report",
     "SharedBasis",

@@ -394,7 +394,7 @@ def _unbuilt():
         (lambda m: micik_tf.compress(m, exclude=["cc1"]), ValueError, r"Unknown layer names in `exclude`: 'cc1' \(did you mean"),
         (lambda m: micik_tf.compress(m, exclude="c1"), TypeError, "list of layer names"),
         (lambda m: micik_tf.compress(m, groups=[["c1", "nope"]]), ValueError, "Unknown layer names in `groups`"),
-        (lambda m: micik_tf.compress(m, groups=[["bn", "c1"]]), ValueError, "Only Dense, Conv1D and Conv2D"),
+        (lambda m: micik_tf.compress(m, groups=[["bn", "c1"]]), ValueError, "Only Dense, EinsumDense, Conv1D and Conv2D"),
         (lambda m: micik_tf.compress(m, groups=[["c1", "c2"]]), ValueError, "C_in=3.*C_in=16"),
         (lambda m: micik_tf.compress(m, groups=[["c2", "c3"]], mode="per_layer"), ValueError, "per_layer"),
         (lambda m: micik_tf.compress(m, mode="svd"), ValueError, "`mode`"),

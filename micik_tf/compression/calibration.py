@@ -16,6 +16,7 @@ import tensorflow as tf
 
 from micik_tf.compression import graph
 from micik_tf.compression.grouping import walk
+from micik_tf.layers.factorized import einsum_spec
 
 DEFAULT_BATCH_SIZE = 32
 
@@ -180,7 +181,7 @@ def _extractors(model, wanted):
 
     probe = graph.rebuild(model, make_layer, call_layer)
     for old, new in pairs:
-        new.set_weights(old.get_weights())
+        graph.copy_weights(old, new)
     nested[()] = probe
     extractors = {
         owner: keras.Model(_single_input(nested[owner]), [t for *_, t in items])
@@ -207,7 +208,12 @@ def sampled_rows(site, value, per_image, rng):
     `k x k x C` patches are gathered, from the input padded as the layer pads
     it, so no tensor of all the patches is ever built.
     """
-    if site.kind == "dense":
+    if site.kind == "einsum":
+        # The contracted axis last, then every other axis is a row.
+        inputs, _, _, contracted = einsum_spec(site.layer.equation)
+        letters = inputs.replace("...", "")
+        value = np.moveaxis(value, letters.index(contracted) - len(letters), -1)
+    if site.kind in ("dense", "einsum"):
         rows = value.reshape(-1, site.m)
         if len(rows) > per_image * len(value):
             rows = rows[rng.choice(len(rows), per_image * len(value), replace=False)]

@@ -17,7 +17,14 @@ from micik_tf.compression.grouping import (
     resolve_names,
     site_side,
 )
-from micik_tf.layers import FACTORIZED, FactorizedConv1D, FactorizedConv2D, FactorizedDense, SharedBasis
+from micik_tf.layers import (
+    FACTORIZED,
+    FactorizedConv1D,
+    FactorizedConv2D,
+    FactorizedDense,
+    FactorizedEinsumDense,
+    SharedBasis,
+)
 from micik_tf.validation import float_above, one_of, positive_int
 
 DEFAULT_RATIO = 4.0
@@ -51,7 +58,7 @@ def compress(
 ):
     """Compresses a Keras model with MICIK's shared + unique factorization.
 
-    Dense, Conv1D and Conv2D layers whose kernels share a dimension are grouped; each
+    Dense, EinsumDense, Conv1D and Conv2D layers whose kernels share a dimension are grouped; each
     group gets one shared basis (a `SharedBasis` layer) and each layer its
     coefficients on it plus a small unique low-rank part. A global allocator
     picks the ranks that reach `ratio` with the least relative error.
@@ -161,7 +168,8 @@ def _select(model, mode, share, groups, exclude, ranks):
     if not sites:
         raise ValueError(
             f"Model '{model.name}' has no compressible layers: compress() "
-            "factorizes Dense, Conv1D and Conv2D (channels_last, groups=1) layers. "
+            "factorizes Dense, EinsumDense (one contracted axis), Conv1D and Conv2D "
+            "(channels_last, groups=1) layers. "
             "Untouched: " + _format_untouched(untouched)
         )
     excluded = {s.name for s in resolve_names(_names(exclude, "exclude"), sites, "exclude")}
@@ -401,7 +409,7 @@ def _build(model, grouped, plan, kernels, metrics, untouched, seed):
 
     new_model = graph.rebuild(model, make_layer, call_layer)
     for old, new in copies:
-        new.set_weights(old.get_weights())
+        graph.copy_weights(old, new)
     for name, layer in basis_layers.items():
         layer.basis.assign(basis_values[name])
     for key, (factors, original) in values.items():
@@ -430,7 +438,7 @@ def _make_wrapper(site, rank_common, rank_unique, side, group, error, initializa
         rank_unique=rank_unique,
         shared_side=side,
         activation=layer.activation,
-        use_bias=layer.use_bias,
+        use_bias=getattr(layer, "bias", None) is not None,
         group=group,
         relative_error=error,
         name=layer.name,
@@ -439,6 +447,11 @@ def _make_wrapper(site, rank_common, rank_unique, side, group, error, initializa
     )
     if site.kind == "dense":
         return FactorizedDense(layer.units, **common)
+    if site.kind == "einsum":
+        common.pop("use_bias")
+        return FactorizedEinsumDense(
+            layer.equation, tuple(layer.kernel.shape),
+            None if layer.bias is None else tuple(layer.bias.shape), **common)
     wrapper = FactorizedConv1D if site.kind == "conv1d" else FactorizedConv2D
     return wrapper(
         layer.filters,

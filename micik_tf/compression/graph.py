@@ -27,6 +27,13 @@ def clone_layer(layer):
     return layer.__class__.from_config(layer.get_config())
 
 
+def copy_weights(old, new):
+    """`old`'s weights into its copy `new` (nothing for `keras.ops` nodes of
+    a Functional graph, which are operations without weights)."""
+    if isinstance(new, keras.layers.Layer):
+        new.set_weights(old.get_weights())
+
+
 def rebuild(model, make_layer, call_layer, path=()):
     """Rebuilds `model` layer by layer.
 

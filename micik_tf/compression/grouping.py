@@ -17,6 +17,8 @@ import numpy as np
 
 import keras
 
+from micik_tf.layers.factorized import einsum_spec
+
 SHARE_CHOICES = ("auto", "input", "output")
 
 
@@ -43,8 +45,12 @@ class Site:
         layer = self.layer
         if side == "output":
             return (self.owner, self.kind, "output", self.n)
-        if self.kind == "dense":
+        if self.kind == "dense" or self.contracts_last_axis():
+            # An EinsumDense contracting its input's last axis projects as a
+            # Dense does, so the two may share an input basis.
             return (self.owner, "dense", "input", self.m)
+        if self.kind == "einsum":
+            return (self.owner, "einsum", "input", self.layer.equation, self.m)
         return (
             self.owner,
             self.kind,
@@ -56,11 +62,19 @@ class Site:
             tuple(layer.dilation_rate),
         )
 
+    def contracts_last_axis(self):
+        if self.kind != "einsum":
+            return False
+        inputs, _, _, contracted = einsum_spec(self.layer.equation)
+        return inputs.endswith(contracted)
+
     def describe(self, side):
         if side == "output":
             return f"{self.kind} with {self.n} outputs"
-        if self.kind == "dense":
-            return f"Dense with {self.m} inputs"
+        if self.kind == "dense" or self.contracts_last_axis():
+            return f"Dense-like with {self.m} inputs"
+        if self.kind == "einsum":
+            return f"EinsumDense {self.layer.equation!r} with {self.m} contracted inputs"
         layer = self.layer
         return (
             f"{type(layer).__name__} {'x'.join(str(k) for k in layer.kernel_size)}, "
@@ -69,10 +83,17 @@ class Site:
         )
 
     def kernel(self):
-        return np.asarray(keras.ops.convert_to_numpy(self.layer.kernel))
+        """The kernel, with the contracted (input) axes first: `kernel_matrix`
+        makes it the `m x n` matrix."""
+        kernel = np.asarray(keras.ops.convert_to_numpy(self.layer.kernel))
+        if self.kind == "einsum":
+            _, letters, _, contracted = einsum_spec(self.layer.equation)
+            return np.moveaxis(kernel, letters.index(contracted), 0).reshape(self.m, self.n)
+        return kernel
 
     def bias_params(self):
-        return int(self.layer.bias.shape[0]) if self.layer.use_bias else 0
+        bias = getattr(self.layer, "bias", None)
+        return 0 if bias is None else int(np.prod(bias.shape))
 
 
 def is_graph_model(model):
@@ -93,6 +114,15 @@ def is_container(layer):
 
 def untouched_reason(layer):
     """Why a layer with weights is not a site, or None if it is one."""
+    if type(layer) is keras.layers.EinsumDense:
+        if getattr(layer, "lora_enabled", False):
+            return "EinsumDense with LoRA enabled: merge the LoRA weights first"
+        if getattr(layer, "quantization_mode", None):
+            return "quantized EinsumDense: compress before quantizing"
+        if einsum_spec(layer.equation) is None:
+            return (f"EinsumDense {layer.equation!r}: only one contracted axis "
+                    "(one letter in the input and the kernel, not in the output) is factorized")
+        return None
     if type(layer) is keras.layers.Dense:
         if getattr(layer, "lora_enabled", False):
             return "Dense with LoRA enabled: merge the LoRA weights first"
@@ -154,9 +184,14 @@ def find_sites(model):
         if reason is None:
             kernel_shape = tuple(layer.kernel.shape)
             kind = {keras.layers.Dense: "dense", keras.layers.Conv1D: "conv1d",
-                    keras.layers.Conv2D: "conv2d"}[type(layer)]
-            m = int(np.prod(kernel_shape[:-1]))
-            sites.append(Site(layer, path, kind, m, int(kernel_shape[-1])))
+                    keras.layers.Conv2D: "conv2d", keras.layers.EinsumDense: "einsum"}[type(layer)]
+            if kind == "einsum":
+                _, letters, _, contracted = einsum_spec(layer.equation)
+                m = kernel_shape[letters.index(contracted)]
+                n = int(np.prod(kernel_shape)) // m
+            else:
+                m, n = int(np.prod(kernel_shape[:-1])), kernel_shape[-1]
+            sites.append(Site(layer, path, kind, int(m), int(n)))
         elif layer.weights:
             untouched[name] = reason
     return sites, untouched
@@ -194,7 +229,7 @@ def resolve_names(names, sites, argument):
             hints.append(f"'{name}'" + (f" (did you mean '{close[0]}'?)" if close else ""))
         raise ValueError(
             f"Unknown layer names in `{argument}`: {', '.join(hints)}. Only "
-            f"Dense, Conv1D and Conv2D layers can be named; compressible layers are: "
+            f"Dense, EinsumDense, Conv1D and Conv2D layers can be named; compressible layers are: "
             f"{', '.join(sorted(by_path)) or 'none'}."
         )
     return resolved

@@ -48,8 +48,10 @@ def group_name(index, side, members):
     s = members[0]
     if side == "output":
         shape = f"out{s.n}"
-    elif s.kind == "dense":
+    elif s.kind == "dense" or s.contracts_last_axis():
         shape = f"dense{s.m}"
+    elif s.kind == "einsum":
+        shape = f"einsum{s.m}"
     else:
         # e.g. 3x3x64 (Conv2D) or 5x64 (Conv1D): kernel size, then C_in.
         shape = "x".join(str(d) for d in tuple(s.layer.kernel_size) + (s.layer.kernel.shape[-2],))

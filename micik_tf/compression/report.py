@@ -133,7 +133,8 @@ def report(model, reference=None):
             ranks[key] = layer.rank_common
             basis = np.asarray(keras.ops.convert_to_numpy(bases[key].basis))
         params = layer.count_own_params()
-        dense = int(np.prod(layer.kernel_shape())) + (layer.units if layer.use_bias else 0)
+        dense = int(np.prod(layer.kernel_shape())) + (
+            int(np.prod(layer.bias_shape())) if layer.use_bias else 0)
         before += dense
         after_factored += params
         error = layer.relative_error

@@ -15,7 +15,7 @@ import tensorflow as tf
 from keras import ops
 
 from micik_tf.compression import graph
-from micik_tf.layers import FACTORIZED
+from micik_tf.layers import FACTORIZED, FactorizedEinsumDense
 
 
 class _SplitFactorized(keras.layers.Layer):
@@ -34,17 +34,20 @@ class _SplitFactorized(keras.layers.Layer):
     def call(self, inputs):
         w = self.wrapped
         x, basis = inputs
-        if w.shared_side == "input":
+        if w.shared_side == "input" and not isinstance(w, FactorizedEinsumDense):
             projected = ops.concatenate(
                 [w.project(x, basis), w.project(x, w.unique_left)], axis=-1
             )
-            y = ops.matmul(
+            y = w.combine(
                 projected, ops.concatenate([w.coefficients, w.unique_right], axis=0)
             )
         else:
+            # An einsum's projection may not end in its rank axis: two sums.
+            common = ((basis, w.coefficients) if w.shared_side == "input"
+                      else (w.coefficients, basis))
             y = ops.add(
-                ops.matmul(w.project(x, w.coefficients), basis),
-                ops.matmul(w.project(x, w.unique_left), w.unique_right),
+                w.combine(w.project(x, common[0]), common[1]),
+                w.combine(w.project(x, w.unique_left), w.unique_right),
             )
         if w.use_bias:
             y = ops.add(y, w.bias)

@@ -14,12 +14,15 @@ import keras
 
 from micik_tf.compression.grouping import walk
 from micik_tf.layers import FACTORIZED
+from micik_tf.layers.factorized import einsum_spec
 
 
-def _positions(layer):
-    """Output positions per example (H*W for a convolution, 1 for Dense)."""
+def _positions(layer, columns):
+    """Output positions per example: the output's size over the kernel
+    matrix's `columns` (H*W for a convolution, the sequence length for a
+    Dense on sequences or an EinsumDense, 1 for a Dense on vectors)."""
     shape = layer.output.shape
-    return math.prod(int(d) for d in shape[1:-1]) if len(shape) > 2 else 1
+    return math.prod(int(d) for d in shape[1:]) // columns
 
 
 def forward_macs(model):
@@ -37,10 +40,19 @@ def forward_macs(model):
         if isinstance(layer, FACTORIZED):
             rank = layer.rank_common + layer.rank_unique
             per_position = layer.kernel_rows * rank + rank * layer.units
-        elif isinstance(layer, (keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.Dense)):
+            columns = layer.units
+        elif isinstance(layer, (keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.Dense,
+                                   keras.layers.EinsumDense)):
             kernel = layer.kernel.shape
             per_position = math.prod(int(d) for d in kernel)
+            columns = int(kernel[-1])
+            if isinstance(layer, keras.layers.EinsumDense):
+                spec = einsum_spec(layer.equation)
+                if spec is None:
+                    continue  # several contracted axes: not counted
+                contracted = int(kernel[spec[1].index(spec[3])])
+                columns = math.prod(int(d) for d in kernel) // contracted
         else:
             continue
-        layers["/".join(path)] = int(per_position * _positions(layer))
+        layers["/".join(path)] = int(per_position * _positions(layer, columns))
     return {"total": sum(layers.values()), "layers": layers}

@@ -195,7 +195,8 @@ def prunable_variables(model, include_dense_kernels=False):
             for name in FACTOR_NAMES:
                 add(getattr(layer, name, None))
         elif include_dense_kernels and isinstance(
-            layer, (keras.layers.Dense, keras.layers.Conv1D, keras.layers.Conv2D)
+            layer, (keras.layers.Dense, keras.layers.EinsumDense, keras.layers.Conv1D,
+                    keras.layers.Conv2D)
         ):
             add(layer.kernel)
     return found

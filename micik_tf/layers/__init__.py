@@ -5,7 +5,9 @@ from micik_tf.layers.factorized import (
     FactorizedConv1D,
     FactorizedConv2D,
     FactorizedDense,
+    FactorizedEinsumDense,
 )
 from micik_tf.layers.shared_basis import SharedBasis
 
-__all__ = ["FACTORIZED", "FactorizedConv1D", "FactorizedConv2D", "FactorizedDense", "SharedBasis"]
+__all__ = ["FACTORIZED", "FactorizedConv1D", "FactorizedConv2D", "FactorizedDense",
+           "FactorizedEinsumDense", "SharedBasis"]

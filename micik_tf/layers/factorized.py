@@ -15,6 +15,7 @@ so both the storage and the FLOPs fall when the ranks are small.
 """
 
 import math
+import re
 
 import numpy as np
 
@@ -88,6 +89,13 @@ class _Factorized(keras.layers.Layer):
         separate constant in TFLite."""
         raise NotImplementedError
 
+    def combine(self, projected, right):
+        """The second stage: the projection times an `r x n` factor."""
+        return ops.matmul(projected, right)
+
+    def bias_shape(self):
+        return (self.units,)
+
     @property
     def rank(self):
         return self.rank_common + self.rank_unique
@@ -140,7 +148,7 @@ class _Factorized(keras.layers.Layer):
             )
         if self.use_bias:
             self.bias = self.add_weight(
-                name="bias", shape=(n,), initializer=self.bias_initializer
+                name="bias", shape=self.bias_shape(), initializer=self.bias_initializer
             )
 
     def _factors(self, basis):
@@ -166,7 +174,7 @@ class _Factorized(keras.layers.Layer):
         else:
             x, basis = inputs, None
         left, right = self._factors(basis)
-        y = ops.matmul(self.project(x, left), right)
+        y = self.combine(self.project(x, left), right)
         if self.use_bias:
             y = ops.add(y, self.bias)
         return self.activation(y)
@@ -183,8 +191,12 @@ class _Factorized(keras.layers.Layer):
                 f"Layer '{self.name}' shares a basis: pass its value as `basis`."
             )
         left, right = self._factors(basis)
-        kernel = np.asarray(ops.convert_to_numpy(ops.matmul(left, right)))
-        return kernel.reshape(self.kernel_shape())
+        matrix = np.asarray(ops.convert_to_numpy(ops.matmul(left, right)))
+        return self.kernel_from_matrix(matrix)
+
+    def kernel_from_matrix(self, matrix):
+        """The layer's kernel from its `m x n` matrix."""
+        return matrix.reshape(self.kernel_shape())
 
     def count_own_params(self):
         return int(sum(np.prod(w.shape) for w in self.weights))
@@ -403,5 +415,110 @@ def _tuple(name, value, length):
     return tuple(positive_int(name, v) for v in value)
 
 
+@keras.saving.register_keras_serializable(package="micik_tf")
+class FactorizedEinsumDense(_Factorized):
+    """An `EinsumDense` with one contracted axis, stored as low-rank factors.
+
+    The kernel is a matrix of its contracted axis (`m` rows) against all its
+    other axes (`n` columns, flattened in kernel order). The first stage
+    contracts the input's axis with an `m x r` factor (for a last-axis
+    contraction, as in attention projections, a matmul like Dense's, so the
+    two can share a basis); the second expands the `r` channels into the
+    kernel's other axes with the `r x n` factor.
+
+    Args:
+        equation: the original layer's equation, e.g. `"abc,cde->abde"`,
+            with exactly one letter shared by the input and the kernel and
+            absent from the output.
+        kernel_shape: the original kernel's shape.
+        bias_shape: the original bias's shape (None: no bias).
+        The other arguments are those of `FactorizedDense` (`units` is `n`,
+        and is derived from `kernel_shape`).
+    """
+
+    def __init__(self, equation, kernel_shape, bias_shape=None, **kwargs):
+        kwargs.pop("use_bias", None)
+        kwargs.pop("units", None)
+        self.equation = str(equation)
+        self.full_kernel_shape = tuple(int(d) for d in kernel_shape)
+        self.bias_shape_ = None if bias_shape is None else tuple(int(d) for d in bias_shape)
+        spec = einsum_spec(self.equation)
+        if spec is None:
+            raise ValueError(
+                f"FactorizedEinsumDense needs an equation with one contracted "
+                f"axis (one letter in the input and the kernel, not in the "
+                f"output, and no other kernel letter in the input). Received: "
+                f"{self.equation!r}"
+            )
+        self._inputs, self._kernel, self._output, self.contracted = spec
+        if len(self._kernel) != len(self.full_kernel_shape):
+            raise ValueError(
+                f"`kernel_shape` {self.full_kernel_shape} does not fit the "
+                f"equation {self.equation!r}."
+            )
+        position = self._kernel.index(self.contracted)
+        rest = [d for i, d in enumerate(self.full_kernel_shape) if i != position]
+        super().__init__(math.prod(rest), use_bias=self.bias_shape_ is not None, **kwargs)
+        self._position, self._rest = position, tuple(rest)
+        free = next(c for c in "zyxwvutsrqponmlkjihgfedcba" if c not in self.equation)
+        projected = self._inputs.replace(self.contracted, free)
+        self._first = f"{self._inputs},{self.contracted}{free}->{projected}"
+        kernel_rest = self._kernel.replace(self.contracted, "")
+        self._second = f"{projected},{free}{kernel_rest}->{self._output}"
+
+    def _kernel_rows(self, input_shape):
+        m = self.full_kernel_shape[self._position]
+        letters = self._inputs.replace("...", "")
+        axis = letters.index(self.contracted) - len(letters)
+        if input_shape[axis] is not None and int(input_shape[axis]) != m:
+            raise ValueError(
+                f"Layer '{self.name}' contracts an input axis of size {m}. "
+                f"Received input shape: {input_shape}"
+            )
+        return m
+
+    def kernel_shape(self):
+        return self.full_kernel_shape
+
+    def kernel_from_matrix(self, matrix):
+        kernel = matrix.reshape((matrix.shape[0],) + self._rest)
+        return np.moveaxis(kernel, 0, self._position)
+
+    def bias_shape(self):
+        return self.bias_shape_
+
+    def project(self, x, left):
+        return ops.einsum(self._first, x, left)
+
+    def combine(self, projected, right):
+        right = ops.reshape(right, (ops.shape(right)[0],) + self._rest)
+        return ops.einsum(self._second, projected, right)
+
+    def get_config(self):
+        config = super().get_config()
+        for key in ("units", "use_bias"):
+            config.pop(key)
+        return {**config, "equation": self.equation,
+                "kernel_shape": self.full_kernel_shape, "bias_shape": self.bias_shape_}
+
+
+def einsum_spec(equation):
+    """`(input, kernel, output, contracted letter)` of an EinsumDense
+    equation with exactly one contracted axis, else None."""
+    match = re.fullmatch(r"([a-zA-Z.]+),([a-zA-Z]+)->([a-zA-Z.]+)", equation.replace(" ", ""))
+    if match is None:
+        return None
+    inputs, kernel, output = match.groups()
+    letters = lambda text: set(text.replace("...", ""))  # noqa: E731
+    shared = letters(inputs) & set(kernel)
+    contracted = shared - letters(output)
+    if len(contracted) != 1 or shared != contracted or len(set(kernel)) != len(kernel):
+        return None
+    # Every other kernel letter goes to the output (no sum over a kernel axis).
+    if not (set(kernel) - contracted) <= letters(output):
+        return None
+    return inputs, kernel, output, contracted.pop()
+
+
 # Every wrapper compress() builds, for code that treats them alike.
-FACTORIZED = (FactorizedDense, FactorizedConv1D, FactorizedConv2D)
+FACTORIZED = (FactorizedDense, FactorizedConv1D, FactorizedConv2D, FactorizedEinsumDense)

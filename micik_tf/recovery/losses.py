@@ -47,7 +47,8 @@ from micik_tf.validation import positive_int
 # negligible next to any real norm (which is at least 1/B after normalization).
 _EPSILON = 1e-12
 
-_TEACHER_TYPES = (keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.Dense)
+_TEACHER_TYPES = (keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.Dense,
+                  keras.layers.EinsumDense)
 _STUDENT_TYPES = _TEACHER_TYPES + FACTORIZED
 
 
