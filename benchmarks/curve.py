@@ -149,7 +149,7 @@ def _key(row):
     return base + (row["learning_rate"],) if row["phase"] == "tune" else base
 
 
-def run_suite(protocol, output_dir, log=print, workers=1):
+def run_suite(protocol, output_dir, log=print, workers=1, work_name=".curve_work"):
     """Runs every cell of `protocol`; returns `(results, scratch folder)`.
 
     With `workers` > 1 the runs of each phase (the learning-rate trials, then
@@ -157,8 +157,9 @@ def run_suite(protocol, output_dir, log=print, workers=1):
     each: the single-threaded parts of a run (tracing, conversion, Python)
     then overlap, about 1.2x the throughput of one two-thread process on 2
     cores. A run's result does not depend on the process it ran in.
+    `work_name`: the scratch folder in `output_dir` (one per suite).
     """
-    work = os.path.join(output_dir, ".curve_work")
+    work = os.path.join(output_dir, work_name)
     suite = _Suite(protocol, work, log)
     suite.teacher()
     suite.prepare_students()
@@ -636,11 +637,16 @@ def ablation_worth(summary):
     return out
 
 
-def markdown(result, command):
+def markdown(result, command, stem="curve"):
+    """The results as markdown; `stem` names the suite and its plots."""
     p, teacher = result["protocol"], result["teacher"]
     regimes = p["regimes"]
+    rates = ', '.join(f'{m} {lr:g}' for m, lr in result['learning_rates'].items())
+    rates = (f"each method's tuned learning rate ({rates}; grid {p['learning_rate_grid']} at "
+             f"{p['tuned_at']})" if p["learning_rate_grid"] else
+             f"the same learning rate for every method ({rates}; not tuned)")
     lines = [
-        f"# curve{' (smoke)' if result['smoke'] else ''}{' (quick)' if result.get('quick') else ''}"
+        f"# {stem}{' (smoke)' if result['smoke'] else ''}{' (quick)' if result.get('quick') else ''}"
         + (f" (partial: {result['partial']['runs_done']} of {result['partial']['runs_planned']} "
            "runs; the suite is still running)" if result.get("partial") else ""),
         "",
@@ -653,14 +659,13 @@ def markdown(result, command):
         f"bytes. Regimes: "
         + "; ".join(f"{name}: {r['train_fraction']:.0%} of the training split, {r['epochs']} "
                     f"recovery epochs, {r['seeds']} seed(s)" for name, r in regimes.items())
-        + f". Batch {p['batch_size']}, Adam with a cosine decay from each method's tuned "
-        f"learning rate ({', '.join(f'{m} {lr:g}' for m, lr in result['learning_rates'].items())}"
-        f"; grid {p['learning_rate_grid']} at {p['tuned_at']}). Written {result['written']} "
+        + f". Batch {p['batch_size']}, Adam with a cosine decay from {rates}. "
+        f"Written {result['written']} "
         f"by `{command}` at commit `{result['machine']['git_commit']}`.",
         "",
-        "![accuracy against stored parameters](curve.png)",
+        f"![accuracy against stored parameters]({stem}.png)",
         "",
-        "![accuracy against gzip'd int8 bytes](curve_bytes.png)",
+        f"![accuracy against gzip'd int8 bytes]({stem}_bytes.png)",
         "",
         "| regime | ratio | method | params | int8 .tflite gzip bytes | before recovery | after recovery |",
         "|---|---:|---|---:|---:|---:|---:|",
@@ -723,9 +728,10 @@ def plot(result, path):
     gzip'd int8 .tflite bytes; curve_teacher.png: the teacher's training curve.
     One panel per regime; ablations dashed. Returns the paths written."""
     folder = os.path.dirname(path)
+    stem = os.path.splitext(os.path.basename(path))[0]  # curve, or another suite's name
     written = []
-    for name, key, label in (("curve.png", "params", "stored parameters"),
-                             ("curve_bytes.png", "tflite_int8_gzip_bytes",
+    for name, key, label in ((f"{stem}.png", "params", "stored parameters"),
+                             (f"{stem}_bytes.png", "tflite_int8_gzip_bytes",
                               "int8 .tflite, gzip'd bytes")):
         regimes = list(result["protocol"]["regimes"])
         fig, axes = figure(1, len(regimes), size=(6.5 * len(regimes), 5))
@@ -747,7 +753,7 @@ def plot(result, path):
     ax.set_title(f"teacher {result['protocol']['arch']}: training to a plateau")
     ax.legend()
     fig.tight_layout()
-    target = os.path.join(folder, "curve_teacher.png")
+    target = os.path.join(folder, f"{stem}_teacher.png")
     write_figure(fig, target)
     return written + [target]
 

@@ -224,6 +224,53 @@ def googlenet(input_shape=(224, 224, 3), num_classes=1000, cifar_stem=None, name
     return keras.Model(inputs, outputs, name=name)
 
 
+def vit_tiny(input_shape=(28, 28, 1), num_classes=10, dim=64, depth=4, heads=4, mlp=128,
+             patch=4, name="vit_tiny"):
+    """A small Vision Transformer, built as keras-hub builds its blocks: the
+    attention's query, key and value projections are `EinsumDense` layers
+    (`"abc,cde->abde"`, one per head group) in the functional graph, the
+    heads are merged by a reshape and a Dense, and the feed-forward block is
+    two Dense layers. Positions come from a depthwise convolution on the
+    patch grid (a conditional positional encoding, Chu et al. 2021), which
+    needs no custom layer. Pre-norm blocks, average pooling over tokens.
+
+    `compress()` reaches every projection: keras.layers.MultiHeadAttention
+    holds its projections inside one composite layer, which compress() does
+    not open yet.
+    """
+    head_dim = dim // heads
+    inputs = keras.Input(input_shape)
+    x = keras.layers.Conv2D(dim, patch, strides=patch, name="patch_embed")(inputs)
+    x = keras.layers.Add(name="pos_add")(
+        [x, keras.layers.DepthwiseConv2D(3, padding="same", name="pos_conv")(x)])
+    tokens = (input_shape[0] // patch) * (input_shape[1] // patch)
+    x = keras.layers.Reshape((tokens, dim), name="tokens")(x)
+    for i in range(depth):
+        block = f"block{i + 1}"
+        h = keras.layers.LayerNormalization(epsilon=1e-6, name=f"{block}_ln1")(x)
+        q, k, v = (keras.layers.EinsumDense("abc,cde->abde", output_shape=(None, heads, head_dim),
+                                            bias_axes="de", name=f"{block}_{n}")(h)
+                   for n in ("query", "key", "value"))
+        scores = keras.layers.Softmax(axis=-1, name=f"{block}_softmax")(
+            keras.ops.einsum("abhd,afhd->ahbf", q, k) / float(head_dim) ** 0.5)
+        h = keras.ops.einsum("ahbf,afhd->abhd", scores, v)
+        h = keras.layers.Reshape((tokens, dim), name=f"{block}_merge")(h)
+        h = keras.layers.Dense(dim, name=f"{block}_attn_out")(h)
+        x = keras.layers.Add(name=f"{block}_res1")([x, h])
+        h = keras.layers.LayerNormalization(epsilon=1e-6, name=f"{block}_ln2")(x)
+        h = keras.layers.Dense(mlp, activation="gelu", name=f"{block}_mlp1")(h)
+        h = keras.layers.Dense(dim, name=f"{block}_mlp2")(h)
+        x = keras.layers.Add(name=f"{block}_res2")([x, h])
+    x = keras.layers.LayerNormalization(epsilon=1e-6, name="final_ln")(x)
+    x = keras.layers.GlobalAveragePooling1D(name="pool")(x)
+    return keras.Model(inputs, keras.layers.Dense(num_classes, name="logits")(x), name=name)
+
+
+def _vit_tiny(input_shape, num_classes, width):
+    return vit_tiny(input_shape, num_classes, dim=_scaled(64, width), mlp=_scaled(128, width),
+                    heads=4 if width >= 1 else 2)
+
+
 def _scaled(channels, width):
     return max(1, int(round(channels * width)))
 
@@ -263,6 +310,7 @@ ARCHITECTURES = {
     "cifar_vgg16": _cifar_vgg16,
     "vgg16_half": _vgg16_half,
     "googlenet": _googlenet,
+    "vit_tiny": _vit_tiny,
 }
 
 

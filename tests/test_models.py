@@ -28,3 +28,23 @@ def test_cifar_vgg16_shape():
     model = models.cifar_vgg16((32, 32, 3), 10)
     convs = [l for l in model.layers if l.name.startswith("conv")]
     assert len(convs) == 13 and model.output.shape == (None, 10)
+
+
+def test_vit_tiny_projections_are_all_compressible():
+    from micik_tf.compression.grouping import find_sites, group_sites
+
+    model = models.build("vit_tiny", (28, 28, 1), 10)
+    sites, untouched = find_sites(model)
+    kinds = {}
+    for site in sites:
+        kinds.setdefault(site.kind, []).append(site.name)
+    # q, k, v of 4 blocks are EinsumDense; head merge, MLPs and logits Dense.
+    assert len(kinds["einsum"]) == 12 and len(kinds["dense"]) == 13
+    assert set(untouched) >= {"pos_conv", "final_ln"}
+    # Every projection from the 64-wide stream (q, k, v, the MLPs' first
+    # layers, the head merge) is one candidate group for a shared input basis.
+    groups = [[s.name for s in members] for side, members in group_sites(sites, share="input")]
+    (stream,) = [g for g in groups if "block1_query" in g]
+    assert {"block4_value", "block2_mlp1", "block3_attn_out", "logits"} <= set(stream)
+    compressed = micik_tf.compress(model, ratio=4, verbose=0)
+    assert micik_tf.report(compressed).ratio > 3.9

@@ -7,6 +7,8 @@ Suites (the code of each is in benchmarks/<suite>.py, outside the installed pack
                   distilled from scratch, at equal stored parameters, in a
                   limited-data and a full-data regime, with ablations and
                   3 seeds (hours on 2 CPU cores; --quick for a half-hour look).
+  vit             a small Vision Transformer on Fashion-MNIST: MICIK vs per-layer
+                  SVD at 2x, 4x and 8x on its attention and feed-forward weights.
   deploy          sizes, accuracy and TFLite latency of every export format,
                   teacher vs MICIK students stacked with pruning and int8.
   cost            compress() seconds on VGG-16 (138M), and train-step and
@@ -35,9 +37,9 @@ from absl import app, flags, logging
 
 FLAGS = flags.FLAGS
 
-SUITES = ("curve", "deploy", "cost", "paper", "scale")
+SUITES = ("curve", "vit", "deploy", "cost", "paper", "scale")
 # Each suite's ratios when --ratios is not given.
-DEFAULT_RATIOS = {"curve": [],
+DEFAULT_RATIOS = {"curve": [], "vit": [],
                   "cost": ["16"], "paper": [], "deploy": ["16"], "scale": []}
 
 
@@ -96,6 +98,8 @@ def _run(suite, ratios, smoke):
     if suite == "scale" and FLAGS.parts:
         return lib.rerun_parts(FLAGS.parts, os.path.join(FLAGS.output_dir, "scale.json"),
                                git_commit(), smoke), None
+    if suite == "vit":
+        return lib.run_suite(smoke, FLAGS.output_dir)
     if suite in ("paper", "scale"):
         return lib.run_suite(smoke), None
     return lib.run_suite(ratios[0], smoke), None
