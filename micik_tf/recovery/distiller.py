@@ -60,7 +60,8 @@ class Distiller(keras.distillation.Distiller):
             layer_names = losses.similarity_layer_names(teacher, student)
         else:
             layer_names = _names("layer_names", layer_names, minimum=1)
-        self._weights = objective.Weights(alpha, beta, gamma, temperature, window, w_near, w_far)
+        self._weights = objective.Weights(
+            alpha, beta, gamma, temperature, window, w_near, w_far).checked()
         self.objective = objective.RecoveryObjective(layer_names, self._weights)
         # Keras' __init__ sets teacher.trainable = False (see the module
         # docstring); the caller's flags are put back right after it.

@@ -26,9 +26,10 @@ from micik_tf.validation import non_negative_float, positive_float, positive_int
 TERMS = ("loss", "ce", "kd", "sim", "inh")
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass
 class Weights:
-    """The objective's weights and the similarity term's settings.
+    """The objective's weights and the similarity term's settings (the first
+    fields of the loop's `RecoveryConfig`, which checks them with its flags).
 
     Attributes:
         alpha, beta, gamma: the weights of L_kd, L_sim and L_inh.
@@ -45,11 +46,13 @@ class Weights:
     w_near: float = 1.0
     w_far: float = 0.5
 
-    def __post_init__(self):
+    def checked(self):
+        """`self`, after a ValueError naming any argument out of range."""
         for name in ("alpha", "beta", "gamma", "w_near", "w_far"):
             non_negative_float(name, getattr(self, name))
         positive_float("temperature", self.temperature)
         positive_int("window", self.window)
+        return self
 
 
 class RecoveryObjective:

@@ -41,7 +41,7 @@ SCHEDULES = ("cosine", "constant")
 
 
 @dataclasses.dataclass
-class RecoveryConfig:
+class RecoveryConfig(objective.Weights):
     """Hyper-parameters of recovery training.
 
     Attributes:
@@ -60,13 +60,6 @@ class RecoveryConfig:
         seed: seeds the data order.
     """
 
-    alpha: float = 1.0
-    beta: float = 1.0
-    gamma: float = 0.5
-    temperature: float = 4.0
-    window: int = 1
-    w_near: float = 1.0
-    w_far: float = 0.5
     epochs: int = 10
     batch_size: int = 64
     optimizer: str = "adam"
@@ -146,10 +139,7 @@ class RecoveryTrainer:
         # teacher with training=False.
         self.teacher_features = losses.feature_model(teacher, self.feature_layers)
         self.student_features = losses.feature_model(student, self.feature_layers)
-        self.objective = objective.RecoveryObjective(self.feature_layers, objective.Weights(
-            config.alpha, config.beta, config.gamma, config.temperature,
-            config.window, config.w_near, config.w_far,
-        ))
+        self.objective = objective.RecoveryObjective(self.feature_layers, config)
         total = self.steps_per_epoch * config.epochs
         self.optimizer = make_optimizer(config, total)
         self.optimizer.build(student.trainable_variables)
