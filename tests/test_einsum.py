@@ -1,4 +1,4 @@
-"""EinsumDense with one contracted axis (attention and feed-forward
+"""EinsumDense (attention and feed-forward
 projections): the wrapper, sharing with Dense, and the deployment formats."""
 
 import numpy as np
@@ -30,10 +30,23 @@ def test_factorized_einsum_harness(kwargs, basis_shape, out_shape, weights):
                    expected_num_trainable_weights=weights, basis_shape=basis_shape)
 
 
-@pytest.mark.parametrize("equation", ["abhd,hde->abe", "ab,bc->ac,", "abc,bcd->ad", "ab,bb->a"])
-def test_equations_without_one_contracted_axis_are_refused(equation):
-    with pytest.raises(ValueError, match="one contracted"):
+@pytest.mark.parametrize("equation", ["ab,bc->ac,", "abc,cde->abd", "ab,bb->a", "abc,bc->abc"])
+def test_equations_without_a_matrix_form_are_refused(equation):
+    with pytest.raises(ValueError, match="either contracted"):
         FactorizedEinsumDense(equation, (2, 2, 2))
+
+
+def test_two_contracted_axes_flatten_in_kernel_order():
+    # MultiHeadAttention's output projection: heads and head size contracted.
+    layer = FactorizedEinsumDense("abcd,cde->abe", (3, 4, 6), (6,), rank_unique=12)
+    x = np.random.default_rng(0).normal(size=(2, 5, 3, 4)).astype("float32")
+    layer.build(x.shape)
+    kernel = np.random.default_rng(1).normal(size=(3, 4, 6)).astype("float32")
+    left, right = np.linalg.qr(kernel.reshape(12, 6), mode="complete")[0], None
+    layer.unique_left.assign(left)
+    layer.unique_right.assign(left.T @ kernel.reshape(12, 6))
+    np.testing.assert_allclose(layer.reconstruct_kernel(), kernel, atol=1e-5)
+    np.testing.assert_allclose(layer(x), np.einsum("abcd,cde->abe", x, kernel), atol=1e-4)
 
 
 def _block():
@@ -58,11 +71,12 @@ def _data(count=32):
     return np.random.default_rng(0).normal(size=(count, 10, 16)).astype("float32")
 
 
-def test_sites_and_the_reason_for_two_contracted_axes():
+def test_sites_include_two_contracted_axes():
     sites, untouched = find_sites(_block())
     kinds = {s.name: (s.kind, s.m, s.n) for s in sites}
     assert kinds["q"] == ("einsum", 16, 32) and kinds["ff1"] == ("dense", 16, 32)
-    assert "one contracted axis" in untouched["o"]
+    assert kinds["o"] == ("einsum", 32, 16)
+    assert "out" not in untouched
     by_name = {s.name: s for s in sites}
     # Last-axis contractions project like Dense: they may share an input basis.
     assert by_name["q"].signature("input") == by_name["ff1"].signature("input")
@@ -71,7 +85,8 @@ def test_sites_and_the_reason_for_two_contracted_axes():
 def test_full_rank_is_exact_with_q_k_v_and_a_dense_sharing_a_basis(tmp_path):
     model, x = _block(), _data()
     compressed = micik_tf.compress(
-        model, ranks={"q": (16, 0), "k": (16, 0), "v": (16, 0), "ff1": (16, 0), "ff2": (0, 16)},
+        model, ranks={"q": (16, 0), "k": (16, 0), "v": (16, 0), "ff1": (16, 0), "ff2": (0, 16),
+                      "o": (0, 16)},
         groups=[["q", "k", "v", "ff1"]], share="input", verbose=0)
     (group,) = micik_tf.report(compressed).groups
     assert group["members"] == ["q", "k", "v", "ff1"]

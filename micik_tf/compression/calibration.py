@@ -209,10 +209,11 @@ def sampled_rows(site, value, per_image, rng):
     it, so no tensor of all the patches is ever built.
     """
     if site.kind == "einsum":
-        # The contracted axis last, then every other axis is a row.
+        # The contracted axes last (in kernel order), then every other axis is a row.
         inputs, _, _, contracted = einsum_spec(site.layer.equation)
         letters = inputs.replace("...", "")
-        value = np.moveaxis(value, letters.index(contracted) - len(letters), -1)
+        value = np.moveaxis(value, [letters.index(c) - len(letters) for c in contracted],
+                            list(range(-len(contracted), 0)))
     if site.kind in ("dense", "einsum"):
         rows = value.reshape(-1, site.m)
         if len(rows) > per_image * len(value):

@@ -19,11 +19,13 @@ from micik_tf.compression.grouping import (
 )
 from micik_tf.layers import (
     FACTORIZED,
+    CompressedBlock,
     FactorizedConv1D,
     FactorizedConv2D,
     FactorizedDense,
     FactorizedEinsumDense,
     SharedBasis,
+    sublayers,
 )
 from micik_tf.validation import float_above, one_of, positive_int
 
@@ -64,8 +66,11 @@ def compress(
     picks the ranks that reach `ratio` with the least relative error.
 
     Args:
-        model: a built Keras 3 Sequential or Functional model (nested models
-            allowed). It is never modified.
+        model: a built Keras 3 Sequential, Functional (nested models
+            allowed) or subclassed model. It is never modified. Layers held
+            inside composite layers (MultiHeadAttention's projections, a
+            user's block) and subclassed models are compressed in place in a
+            copy (`micik_tf.layers.CompressedBlock`).
         ratio: target `params_before / params_after` for the whole model,
             untouched layers and biases included; a float > 1. Defaults to
             4.0, a ratio that a short recovery fine-tune usually brings back
@@ -101,10 +106,12 @@ def compress(
             `building`, `batchnorm`), to see where the time goes.
 
     Returns:
-        A new `keras.Model` (Functional). The names of compressed layers are
+        A new `keras.Model` (Functional; for a subclassed model, a Functional
+        model around its compressed copy). The names of compressed layers are
         kept at their outputs. See `micik_tf.report()` for what was done.
     """
     _check_model(model)
+    model = graph.as_graph(model)
     mode = one_of("mode", mode, MODES)
     objective = one_of("objective", objective, alloc.OBJECTIVES)
     calibration_batches = positive_int("calibration_batches", calibration_batches)
@@ -168,7 +175,7 @@ def _select(model, mode, share, groups, exclude, ranks):
     if not sites:
         raise ValueError(
             f"Model '{model.name}' has no compressible layers: compress() "
-            "factorizes Dense, EinsumDense (one contracted axis), Conv1D and Conv2D "
+            "factorizes Dense, EinsumDense, Conv1D and Conv2D "
             "(channels_last, groups=1) layers. "
             "Untouched: " + _format_untouched(untouched)
         )
@@ -256,7 +263,8 @@ def _check_model(model):
             "compress() takes a keras.Model (Keras 3, Sequential or "
             f"Functional). Received: {type(model).__name__}"
         )
-    graph.check_graph_model(model)
+    if not graph.is_graph_model(model):
+        return  # graph.as_graph checks a subclassed model as it copies it.
     if not model.built or not _has_inputs(model):
         raise ValueError(
             f"Model '{model.name}' is not built: its input shape is unknown. "
@@ -340,6 +348,7 @@ class _Progress:
 def _build(model, grouped, plan, kernels, metrics, untouched, seed):
     """Factorizes the kernels as planned and rebuilds the model around them."""
     wrappers, basis_layers, basis_values, values = {}, {}, {}, {}
+    inner = {}  # a composite layer's path: [(location, wrapper), ...]
     reasons = dict(untouched)
     for (side, members), name, (layer_metrics, group_metric) in zip(
         grouped, plan.group_names, metrics
@@ -351,6 +360,9 @@ def _build(model, grouped, plan, kernels, metrics, untouched, seed):
             i for i, s in enumerate(members)
             if plan.layers[s.name] != alloc.DENSE and plan.layers[s.name][0]
         ]
+        # A basis that a layer inside a composite layer uses is held by its
+        # users (no graph edge reaches there); then every member holds it.
+        held = any(s.held for s in members)
         if rc:
             full = plan.bases.get(name)
             if full is None or len(users) < len(members):
@@ -370,6 +382,8 @@ def _build(model, grouped, plan, kernels, metrics, untouched, seed):
             layer = SharedBasis(
                 basis.shape[0], basis.shape[1], name=name, dtype=first.dtype_policy
             )
+            if held:
+                layer.build(None)
             basis_layers[name] = layer
             basis_values[name] = basis
         for s, w, metric in zip(members, mats, layer_metrics):
@@ -384,16 +398,23 @@ def _build(model, grouped, plan, kernels, metrics, untouched, seed):
             factors = decomposition.factorize(
                 w, ru, basis if layer_rc else None, side, metric, seed, known
             )
-            wrappers[s.name] = _make_wrapper(
+            wrapper = _make_wrapper(
                 s, layer_rc, ru, side, name if layer_rc else None,
                 factors.relative_error,
                 _initialization(metric),
+                basis_layers[name] if held and layer_rc else None,
             )
-            values[s.name] = (factors, s.layer)
+            if s.held:
+                inner.setdefault(s.block, []).append((s.location, wrapper))
+            else:
+                wrappers[s.name] = wrapper
+            values[s.name] = (factors, s.layer, wrapper)
 
     copies = []
 
     def make_layer(layer, path):
+        if path in inner:
+            return _compressed_block(layer, inner[path])
         key = "/".join(path)
         if key in wrappers:
             return wrappers[key]
@@ -402,9 +423,11 @@ def _build(model, grouped, plan, kernels, metrics, untouched, seed):
         return new
 
     def call_layer(layer, path, args, kwargs):
-        if isinstance(layer, FACTORIZED) and layer.rank_common:
+        if isinstance(layer, FACTORIZED) and layer.rank_common and not layer.holds_basis:
             basis = basis_layers[layer.group](args[0])
             return layer([args[0], basis], **kwargs)
+        if isinstance(layer, CompressedBlock):
+            return _call_block(layer, args, kwargs)
         return layer(*args, **kwargs)
 
     new_model = graph.rebuild(model, make_layer, call_layer)
@@ -412,8 +435,7 @@ def _build(model, grouped, plan, kernels, metrics, untouched, seed):
         graph.copy_weights(old, new)
     for name, layer in basis_layers.items():
         layer.basis.assign(basis_values[name])
-    for key, (factors, original) in values.items():
-        wrapper = wrappers[key]
+    for factors, original, wrapper in values.values():
         if factors.coefficients is not None:
             wrapper.coefficients.assign(factors.coefficients)
         if factors.unique_left is not None:
@@ -424,15 +446,43 @@ def _build(model, grouped, plan, kernels, metrics, untouched, seed):
     return new_model, reasons
 
 
+def _compressed_block(layer, replacements):
+    """A copy of the composite `layer` (weights included), with the wrappers
+    in place of the layers they replace."""
+    block = graph.clone_built(layer)
+    for location, wrapper in replacements:
+        wrapper.build_from_config(sublayers.get(block, location).get_build_config())
+    return CompressedBlock(block, replacements, name=layer.name)
+
+
+def _call_block(block, args, kwargs):
+    try:
+        return block(*args, **kwargs)
+    except Exception as error:  # noqa: BLE001 (the user's call() may raise anything)
+        # Keras re-raises with its own context added; the first error is the cause.
+        while error.__context__ is not None:
+            error = error.__context__
+        cause = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        names = ", ".join(f"'{layer.name}'" for _, layer in block.replacements())
+        raise ValueError(
+            f"Layer '{block.name}' ({type(block.block).__name__}) fails once its "
+            f"layers {names} are factorized: {type(error).__name__}: {cause}. Its "
+            "call() probably reads those layers' `kernel` directly. Leave them "
+            f"whole with exclude=[...] (their paths start with '{block.name}/')."
+        ) from None
+
+
 def _initialization(metric):
     if metric is None:
         return "weights"
     return "outputs_diagonal" if metric.diagonal else "outputs"
 
 
-def _make_wrapper(site, rank_common, rank_unique, side, group, error, initialization):
+def _make_wrapper(site, rank_common, rank_unique, side, group, error, initialization,
+                  basis=None):
     layer = site.layer
     common = dict(
+        basis=basis,
         initialization=initialization,
         rank_common=rank_common,
         rank_unique=rank_unique,

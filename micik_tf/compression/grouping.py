@@ -17,7 +17,12 @@ import numpy as np
 
 import keras
 
+from micik_tf.layers import FACTORIZED, CompressedBlock, SharedBasis, sublayers
 from micik_tf.layers.factorized import einsum_spec
+
+# The layer kinds a site can be.
+SITE_TYPES = (keras.layers.Dense, keras.layers.EinsumDense, keras.layers.Conv1D,
+              keras.layers.Conv2D)
 
 SHARE_CHOICES = ("auto", "input", "output")
 
@@ -28,9 +33,13 @@ class Site:
 
     layer: keras.layers.Layer
     path: tuple  # names of the enclosing nested models, then the layer's name
-    kind: str  # "dense", "conv1d" or "conv2d"
+    kind: str  # "dense", "conv1d", "conv2d" or "einsum"
     m: int
     n: int
+    # For a layer held inside a composite layer (or subclassed model): the
+    # composite's path in the graph, and the layer's location below it.
+    block: tuple = None
+    location: tuple = ()
 
     @property
     def name(self):
@@ -38,7 +47,12 @@ class Site:
 
     @property
     def owner(self):
-        return self.path[:-1]
+        """The (nested) graph model the site belongs to."""
+        return self.block[:-1] if self.block else self.path[:-1]
+
+    @property
+    def held(self):
+        return self.block is not None
 
     def signature(self, side):
         """What two sites must have in common to share a basis on `side`."""
@@ -88,7 +102,9 @@ class Site:
         kernel = np.asarray(keras.ops.convert_to_numpy(self.layer.kernel))
         if self.kind == "einsum":
             _, letters, _, contracted = einsum_spec(self.layer.equation)
-            return np.moveaxis(kernel, letters.index(contracted), 0).reshape(self.m, self.n)
+            order = [letters.index(c) for c in contracted]
+            order += [i for i in range(len(letters)) if i not in order]
+            return np.transpose(kernel, order).reshape(self.m, self.n)
         return kernel
 
     def bias_params(self):
@@ -120,8 +136,8 @@ def untouched_reason(layer):
         if getattr(layer, "quantization_mode", None):
             return "quantized EinsumDense: compress before quantizing"
         if einsum_spec(layer.equation) is None:
-            return (f"EinsumDense {layer.equation!r}: only one contracted axis "
-                    "(one letter in the input and the kernel, not in the output) is factorized")
+            return (f"EinsumDense {layer.equation!r}: a kernel axis that is neither "
+                    "contracted with the input nor kept in the output has no matrix form")
         return None
     if type(layer) is keras.layers.Dense:
         if getattr(layer, "lora_enabled", False):
@@ -170,15 +186,50 @@ def walk(model):
     yield from leaves(model, ())
 
 
+def _holds_no_layers(layer):
+    return (isinstance(layer, (SITE_TYPES, FACTORIZED, SharedBasis))
+            or is_container(layer))
+
+
+def walk_deep(model):
+    """Like `walk()`, but a graph layer that holds other layers (a composite
+    layer such as MultiHeadAttention, a subclassed model, a
+    `CompressedBlock`) is replaced by the layers it holds.
+
+    Yields `(layer, path, block, location)`: `block` is the holding layer's
+    path in the graph (None for graph layers) and `location` the layer's
+    location below it (`micik_tf.layers.sublayers`). The path of a held layer
+    continues with the names of the layers down to it; where two would get
+    the same path, the attribute names are used instead.
+    """
+    seen_paths = set()
+    for layer, path in walk(model):
+        root = layer.block if isinstance(layer, CompressedBlock) else layer
+        held = [] if _holds_no_layers(layer) else list(
+            sublayers.leaves(root, _holds_no_layers))
+        if not held:
+            yield layer, path, None, ()
+            continue
+        for sub, location in held:
+            names = tuple(sublayers.get(root, location[:i + 1]).name
+                          for i in range(len(location)))
+            if path + names in seen_paths:
+                names = tuple(".".join(str(part) for part in step) for step in location)
+            seen_paths.add(path + names)
+            yield sub, path + names, path, location
+
+
 def find_sites(model):
     """Splits the model's leaf layers into sites and untouched layers.
+
+    Layers held inside composite layers and subclassed models count too.
 
     Returns:
         `(sites, untouched)`: a list of `Site`s, and `{path name: reason}` for
         every other layer that holds weights.
     """
     sites, untouched = [], {}
-    for layer, path in walk(model):
+    for layer, path, block, location in walk_deep(model):
         name = "/".join(path)
         reason = untouched_reason(layer)
         if reason is None:
@@ -187,11 +238,11 @@ def find_sites(model):
                     keras.layers.Conv2D: "conv2d", keras.layers.EinsumDense: "einsum"}[type(layer)]
             if kind == "einsum":
                 _, letters, _, contracted = einsum_spec(layer.equation)
-                m = kernel_shape[letters.index(contracted)]
+                m = int(np.prod([kernel_shape[letters.index(c)] for c in contracted]))
                 n = int(np.prod(kernel_shape)) // m
             else:
                 m, n = int(np.prod(kernel_shape[:-1])), kernel_shape[-1]
-            sites.append(Site(layer, path, kind, int(m), int(n)))
+            sites.append(Site(layer, path, kind, int(m), int(n), block, location))
         elif layer.weights:
             untouched[name] = reason
     return sites, untouched

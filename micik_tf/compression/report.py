@@ -7,7 +7,7 @@ import numpy as np
 import keras
 
 from micik_tf.compression import decomposition
-from micik_tf.compression.grouping import untouched_reason, walk
+from micik_tf.compression.grouping import untouched_reason, walk_deep
 from micik_tf.layers import FACTORIZED, SharedBasis
 
 _WRAPPERS = FACTORIZED
@@ -110,28 +110,33 @@ def report(model, reference=None):
         raise TypeError(f"report() takes a keras.Model. Received: {type(model).__name__}")
     reference_layers = {}
     if reference is not None:
-        reference_layers = {"/".join(p): l for l, p in walk(reference)}
-    bases, wrappers, untouched = {}, [], []
-    for layer, path in walk(model):
+        reference_layers = {"/".join(p): l for l, p, _, _ in walk_deep(reference)}
+    graph_bases, wrappers, untouched = {}, [], []
+    for layer, path, block, _ in walk_deep(model):
         name = "/".join(path)
         if isinstance(layer, SharedBasis):
-            bases[(path[:-1], layer.name)] = layer
+            graph_bases[(path[:-1], layer.name)] = layer
         elif isinstance(layer, _WRAPPERS):
-            wrappers.append((layer, path))
+            wrappers.append((layer, path, block[:-1] if block else path[:-1]))
         elif layer.weights:
             untouched.append({"name": name, "reason": untouched_reason(layer) or LEFT_WHOLE})
 
-    members = {key: [] for key in bases}
-    ranks = {}  # a group's r_c, as its members use it
+    # Each group by its basis layer: a graph node, or held by its members.
+    bases = {id(b): ("/".join(owner + (b.name,)), b) for (owner, _), b in graph_bases.items()}
+    members, ranks = {key: [] for key in bases}, {}  # a group's r_c, as its members use it
     layers, before, after_factored = [], 0, 0
-    for layer, path in wrappers:
+    for layer, path, owner in wrappers:
         name = "/".join(path)
-        key = (path[:-1], layer.group)
         basis = None
         if layer.rank_common:
+            held = layer.shared_basis or graph_bases[(owner, layer.group)]
+            key = id(held)
+            if key not in bases:
+                bases[key] = ("/".join(owner + (held.name,)), held)
+                members[key] = []
             members[key].append(name)
             ranks[key] = layer.rank_common
-            basis = np.asarray(keras.ops.convert_to_numpy(bases[key].basis))
+            basis = np.asarray(keras.ops.convert_to_numpy(held.basis))
         params = layer.count_own_params()
         dense = int(np.prod(layer.kernel_shape())) + (
             int(np.prod(layer.bias_shape())) if layer.use_bias else 0)
@@ -159,14 +164,14 @@ def report(model, reference=None):
             }
         )
     groups = []
-    for (owner, name), layer in bases.items():
+    for key, (name, layer) in bases.items():
         params = int(np.prod(layer.basis.shape))
         after_factored += params
         groups.append(
             {
-                "name": "/".join(owner + (name,)),
-                "members": members[(owner, name)],
-                "rank_common": ranks.get((owner, name), 0),
+                "name": name,
+                "members": members[key],
+                "rank_common": ranks.get(key, 0),
                 "basis_shape": [int(layer.rows), int(layer.cols)],
                 "params": params,
             }

@@ -1,79 +1,19 @@
 """Converting a Keras model for deployment: SavedModel and TFLite.
 
-TFLite files are converted from a SavedModel of a *conversion view* of the
-model (`_SplitFactorized`): the converter folds constant subgraphs, and the
-wrappers' `concat([B_g, U_l])` is one, so converting the model as it is would
-copy the shared basis into every layer of its group. The view computes the
-same function without ever concatenating the basis to another constant, so
-the basis stays one tensor in the flatbuffer, read by every member.
+SavedModels are traced within `basis_kept_apart()`: the TFLite converter
+folds constant subgraphs, and the wrappers' `concat([B_g, U_l])` is one, so
+converting the model as traced for training would copy the shared basis into
+every layer of its group. Kept apart, the basis stays one tensor in the
+flatbuffer, read by every member, wherever the wrapper sits (in the graph or
+inside a composite layer).
 """
 
 import re
 
 import keras
 import tensorflow as tf
-from keras import ops
 
-from micik_tf.compression import graph
-from micik_tf.layers import FACTORIZED, FactorizedEinsumDense
-
-
-class _SplitFactorized(keras.layers.Layer):
-    """Computes a wrapper's output without `concat(shared basis, own factor)`.
-
-    Input-side sharing: `concat(x*B, x*U) . [A; V]`, the activations are
-    concatenated, not the basis; `[A; V]` is the layer's own and may be
-    folded. Output-side sharing: `(x*C) . B + (x*U) . V`. It reads the
-    wrapper's own variables, so nothing is copied.
-    """
-
-    def __init__(self, wrapped):
-        super().__init__(name=wrapped.name, dtype=wrapped.dtype_policy)
-        self.wrapped = wrapped
-
-    def call(self, inputs):
-        w = self.wrapped
-        x, basis = inputs
-        if w.shared_side == "input" and not isinstance(w, FactorizedEinsumDense):
-            projected = ops.concatenate(
-                [w.project(x, basis), w.project(x, w.unique_left)], axis=-1
-            )
-            y = w.combine(
-                projected, ops.concatenate([w.coefficients, w.unique_right], axis=0)
-            )
-        else:
-            # An einsum's projection may not end in its rank axis: two sums.
-            common = ((basis, w.coefficients) if w.shared_side == "input"
-                      else (w.coefficients, basis))
-            y = ops.add(
-                w.combine(w.project(x, common[0]), common[1]),
-                w.combine(w.project(x, w.unique_left), w.unique_right),
-            )
-        if w.use_bias:
-            y = ops.add(y, w.bias)
-        return w.activation(y)
-
-
-def conversion_view(model):
-    """`model` with each shared-basis wrapper that also has a unique part
-    replaced by a `_SplitFactorized` over the same variables."""
-    views = {}
-
-    def make_layer(layer, path):
-        if (
-            isinstance(layer, FACTORIZED)
-            and layer.rank_common
-            and layer.rank_unique
-        ):
-            if id(layer) not in views:
-                views[id(layer)] = _SplitFactorized(layer)
-            return views[id(layer)]
-        return layer
-
-    def call_layer(layer, path, args, kwargs):
-        return layer(*args, **kwargs)
-
-    return graph.rebuild(model, make_layer, call_layer)
+from micik_tf.layers.factorized import basis_kept_apart
 
 
 def save_serving_model(model, directory):
@@ -88,8 +28,10 @@ def save_serving_model(model, directory):
     source = model.inputs[0]
     spec = tf.TensorSpec(tuple(source.shape), source.dtype, name=_input_name(model))
     archive = keras.export.ExportArchive()
-    archive.add_endpoint("serve", lambda x: model(x, training=False), input_signature=[spec])
-    archive.write_out(directory, verbose=False)
+    with basis_kept_apart():
+        archive.add_endpoint("serve", lambda x: model(x, training=False),
+                             input_signature=[spec])
+        archive.write_out(directory, verbose=False)
 
 
 def _input_name(model):

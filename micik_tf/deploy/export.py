@@ -168,7 +168,7 @@ def _stage(model, formats, directory, representative, check_x, check_y, staged):
         for fmt in formats:
             if fmt.startswith("tflite") and conversion_dir is None:
                 conversion_dir = os.path.join(scratch, "conversion_saved_model")
-                conversion.save_serving_model(conversion.conversion_view(model), conversion_dir)
+                conversion.save_serving_model(model, conversion_dir)
             staged[fmt] = _write(fmt, model, directory, conversion_dir, representative)
             outputs = checks.run_artifact(fmt, staged[fmt], check_x)
             results[fmt] = checks.measure(

@@ -12,17 +12,34 @@ import math
 
 import keras
 
-from micik_tf.compression.grouping import walk
+from micik_tf.compression.grouping import walk_deep
 from micik_tf.layers import FACTORIZED
 from micik_tf.layers.factorized import einsum_spec
 
 
-def _positions(layer, columns):
+def _positions(layer, columns, rows):
     """Output positions per example: the output's size over the kernel
     matrix's `columns` (H*W for a convolution, the sequence length for a
     Dense on sequences or an EinsumDense, 1 for a Dense on vectors)."""
-    shape = layer.output.shape
-    return math.prod(int(d) for d in shape[1:]) // columns
+    try:
+        shape = layer.output.shape
+    except (AttributeError, ValueError):
+        # Held inside a composite layer: no graph node, only its build shape.
+        shape = layer.get_build_config()["input_shape"]
+        if not isinstance(layer, (keras.layers.Conv1D, keras.layers.Conv2D)) and not (
+                isinstance(layer, FACTORIZED) and hasattr(layer, "kernel_size")):
+            size, per = _size(shape), rows  # one row of the input per position
+        else:
+            size, per = _size(layer.compute_output_spec(keras.KerasTensor(shape)).shape), columns
+        return None if size is None else size // per
+    return _size(shape) // columns
+
+
+def _size(shape):
+    """Elements per example, or None if a dimension is unknown."""
+    if any(d is None for d in shape[1:]):
+        return None
+    return math.prod(int(d) for d in shape[1:])
 
 
 def forward_macs(model):
@@ -33,26 +50,33 @@ def forward_macs(model):
             compressed or not.
 
     Returns:
-        `{"total": int, "layers": {path: int}}`.
+        `{"total": int, "layers": {path: int}, "uncounted": [path, ...]}`;
+        `uncounted` lists layers held inside composite layers that were
+        built for an unknown length (their positions are unknown).
     """
-    layers = {}
-    for layer, path in walk(model):
+    layers, uncounted = {}, []
+    for layer, path, _, _ in walk_deep(model):
         if isinstance(layer, FACTORIZED):
             rank = layer.rank_common + layer.rank_unique
             per_position = layer.kernel_rows * rank + rank * layer.units
-            columns = layer.units
+            columns, rows = layer.units, layer.kernel_rows
         elif isinstance(layer, (keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.Dense,
                                    keras.layers.EinsumDense)):
             kernel = layer.kernel.shape
             per_position = math.prod(int(d) for d in kernel)
             columns = int(kernel[-1])
+            rows = per_position // columns
             if isinstance(layer, keras.layers.EinsumDense):
                 spec = einsum_spec(layer.equation)
                 if spec is None:
-                    continue  # several contracted axes: not counted
-                contracted = int(kernel[spec[1].index(spec[3])])
-                columns = math.prod(int(d) for d in kernel) // contracted
+                    continue  # no matrix form: not counted
+                contracted = math.prod(int(kernel[spec[1].index(c)]) for c in spec[3])
+                columns, rows = math.prod(int(d) for d in kernel) // contracted, contracted
         else:
             continue
-        layers["/".join(path)] = int(per_position * _positions(layer, columns))
-    return {"total": sum(layers.values()), "layers": layers}
+        positions = _positions(layer, columns, rows)
+        if positions is None:
+            uncounted.append("/".join(path))
+        else:
+            layers["/".join(path)] = int(per_position * positions)
+    return {"total": sum(layers.values()), "layers": layers, "uncounted": uncounted}

@@ -34,7 +34,7 @@ import keras
 import tensorflow as tf
 from keras import ops
 
-from micik_tf.compression.grouping import walk
+from micik_tf.compression.grouping import walk_deep
 from micik_tf.layers import FACTORIZED, SharedBasis
 from micik_tf.recovery.strategies import in_replica_context
 from micik_tf.validation import fraction, int_at_least, one_of, positive_float
@@ -186,12 +186,15 @@ def prunable_variables(model, include_dense_kernels=False):
             seen_vars.add(id(variable))
             found.append((variable.path, variable))
 
-    for layer, _ in walk(model):
+    # Layers held inside composite layers (CompressedBlock) included.
+    for layer, _, _, _ in walk_deep(model):
         if not layer.built:
             continue
         if isinstance(layer, SharedBasis):
             add(layer.basis)
         elif isinstance(layer, FACTORIZED):
+            if layer.holds_basis:
+                add(layer.shared_basis.basis)
             for name in FACTOR_NAMES:
                 add(getattr(layer, name, None))
         elif include_dense_kernels and isinstance(

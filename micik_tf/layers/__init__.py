@@ -1,5 +1,6 @@
 """Keras layers that store MICIK-compressed kernels."""
 
+from micik_tf.layers.compressed_block import CompressedBlock
 from micik_tf.layers.factorized import (
     FACTORIZED,
     FactorizedConv1D,
@@ -9,5 +10,5 @@ from micik_tf.layers.factorized import (
 )
 from micik_tf.layers.shared_basis import SharedBasis
 
-__all__ = ["FACTORIZED", "FactorizedConv1D", "FactorizedConv2D", "FactorizedDense",
+__all__ = ["FACTORIZED", "CompressedBlock", "FactorizedConv1D", "FactorizedConv2D", "FactorizedDense",
            "FactorizedEinsumDense", "SharedBasis"]

@@ -14,6 +14,8 @@ low-rank part. For a convolution, `x*L` is a `k x k` convolution to
 so both the storage and the FLOPs fall when the ranks are small.
 """
 
+import contextlib
+import contextvars
 import math
 import re
 
@@ -22,12 +24,32 @@ import numpy as np
 import keras
 from keras import ops
 
+from micik_tf.layers.shared_basis import SharedBasis
 from micik_tf.validation import one_of, positive_int
 
 SHARED_SIDES = ("input", "output")
 # How compress() fitted the factors: to the weights, or to the layer's outputs
 # on calibration data through the full input covariance or its diagonal.
 INITIALIZATIONS = ("weights", "outputs", "outputs_diagonal")
+
+
+# Set within `basis_kept_apart()`: see there.
+_BASIS_APART = contextvars.ContextVar("micik_tf_basis_kept_apart", default=False)
+
+
+@contextlib.contextmanager
+def basis_kept_apart():
+    """Within this block, wrappers that have both a shared and a unique part
+    compute their output without concatenating the shared basis with their
+    own factor. Tracing for TFLite happens here: the converter folds constant
+    subgraphs, and `concat([B_g, U_l])` is one, so it would copy the shared
+    basis into every member; kept apart, the basis stays one tensor in the
+    flatbuffer. The function computed is the same."""
+    token = _BASIS_APART.set(True)
+    try:
+        yield
+    finally:
+        _BASIS_APART.reset(token)
 
 
 class _Factorized(keras.layers.Layer):
@@ -46,6 +68,7 @@ class _Factorized(keras.layers.Layer):
         group=None,
         relative_error=None,
         initialization=None,
+        basis=None,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -75,6 +98,14 @@ class _Factorized(keras.layers.Layer):
         )
         self.initialization = None if initialization is None else one_of(
             "initialization", initialization, INITIALIZATIONS)
+        if basis is not None and not isinstance(basis, SharedBasis):
+            raise TypeError(
+                f"`basis` must be a SharedBasis layer. Received: {type(basis).__name__}")
+        if basis is not None and not self.rank_common:
+            raise ValueError("`basis` is given but rank_common=0: give rank_common > 0.")
+        # A held basis (inside composite layers, where no graph edge can
+        # bring it) is an attribute; otherwise it is the second input.
+        self.shared_basis = basis
 
     # Subclasses give the input size `m` of the kernel matrix and the first
     # (projection) stage.
@@ -106,8 +137,16 @@ class _Factorized(keras.layers.Layer):
             return (self.kernel_rows, self.rank_common)
         return (self.rank_common, self.units)
 
+    @property
+    def holds_basis(self):
+        return self.shared_basis is not None
+
     def build(self, input_shape):
-        if self.rank_common:
+        if self.holds_basis:
+            if not self.shared_basis.built:
+                self.shared_basis.build(None)
+            x_shape, basis_shape = input_shape, tuple(self.shared_basis.basis.shape)
+        elif self.rank_common:
             if not (isinstance(input_shape, (list, tuple)) and len(input_shape) == 2
                     and isinstance(input_shape[0], (list, tuple))):
                 raise ValueError(
@@ -169,23 +208,45 @@ class _Factorized(keras.layers.Layer):
         return ops.concatenate(left, axis=1), ops.concatenate(right, axis=0)
 
     def call(self, inputs):
-        if self.rank_common:
+        if self.holds_basis:
+            x, basis = inputs, ops.cast(self.shared_basis.basis, self.compute_dtype)
+        elif self.rank_common:
             x, basis = inputs
         else:
             x, basis = inputs, None
-        left, right = self._factors(basis)
-        y = self.combine(self.project(x, left), right)
+        if _BASIS_APART.get() and self.rank_common and self.rank_unique:
+            y = self._product_basis_apart(x, basis)
+        else:
+            left, right = self._factors(basis)
+            y = self.combine(self.project(x, left), right)
         if self.use_bias:
             y = ops.add(y, self.bias)
         return self.activation(y)
+
+    def _product_basis_apart(self, x, basis):
+        """The product without `concat(basis, own factor)`: input-side,
+        `concat(x*B, x*U) . [A; V]` (activations are concatenated, and
+        `[A; V]` is the layer's own); otherwise `(x*L) . R + (x*U) . V`."""
+        if self.shared_side == "input" and not isinstance(self, FactorizedEinsumDense):
+            projected = ops.concatenate(
+                [self.project(x, basis), self.project(x, self.unique_left)], axis=-1)
+            return self.combine(
+                projected, ops.concatenate([self.coefficients, self.unique_right], axis=0))
+        # An einsum's projection may not end in its rank axis: two sums.
+        common = ((basis, self.coefficients) if self.shared_side == "input"
+                  else (self.coefficients, basis))
+        return ops.add(self.combine(self.project(x, common[0]), common[1]),
+                       self.combine(self.project(x, self.unique_left), self.unique_right))
 
     def reconstruct_kernel(self, basis=None):
         """Returns the dense kernel this layer represents, as a numpy array.
 
         Args:
             basis: the value of the group's shared basis (required when
-                `rank_common` > 0).
+                `rank_common` > 0, unless the layer holds its basis).
         """
+        if basis is None and self.holds_basis:
+            basis = self.shared_basis.basis
         if self.rank_common and basis is None:
             raise ValueError(
                 f"Layer '{self.name}' shares a basis: pass its value as `basis`."
@@ -199,7 +260,10 @@ class _Factorized(keras.layers.Layer):
         return matrix.reshape(self.kernel_shape())
 
     def count_own_params(self):
-        return int(sum(np.prod(w.shape) for w in self.weights))
+        """Parameters of this layer's own factors and bias (a held basis is
+        the group's, counted once there)."""
+        held = {id(w) for w in self.shared_basis.weights} if self.holds_basis else set()
+        return int(sum(np.prod(w.shape) for w in self.weights if id(w) not in held))
 
     def get_config(self):
         return {
@@ -217,7 +281,15 @@ class _Factorized(keras.layers.Layer):
             "group": self.group,
             "relative_error": self.relative_error,
             "initialization": self.initialization,
+            "basis": None if self.shared_basis is None else _shared_config(self.shared_basis),
         }
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        if config.get("basis") is not None:
+            config["basis"] = keras.saving.deserialize_keras_object(config["basis"])
+        return cls(**config)
 
 
 @keras.saving.register_keras_serializable(package="micik_tf")
@@ -239,9 +311,13 @@ class FactorizedDense(_Factorized):
             the original kernel (metadata for reports; None when built by hand).
         initialization: how `compress()` fitted the factors, one of
             `INITIALIZATIONS` (metadata for reports; None when built by hand).
+        basis: optionally, the group's `SharedBasis` layer, held by this
+            layer (for layers inside composite layers, where the basis cannot
+            be a graph input). Several layers may hold the same one.
 
     Input shape:
-        `x` of shape `(..., m)`, or `[x, basis]` when `rank_common` > 0.
+        `x` of shape `(..., m)`, or `[x, basis]` when `rank_common` > 0 and
+        the layer holds no basis.
 
     Output shape:
         `(..., units)`.
@@ -264,7 +340,7 @@ class FactorizedDense(_Factorized):
         return ops.matmul(x, left)
 
     def compute_output_shape(self, input_shape):
-        x_shape = input_shape[0] if self.rank_common else input_shape
+        x_shape = input_shape[0] if self.rank_common and not self.holds_basis else input_shape
         return tuple(x_shape[:-1]) + (self.units,)
 
 
@@ -367,7 +443,7 @@ class FactorizedConv2D(_FactorizedConv):
 
     Input shape:
         `x` of shape `(batch, height, width, C_in)` (channels last), or
-        `[x, basis]` when `rank_common` > 0. The kernel matrix has
+        `[x, basis]` when `rank_common` > 0 and no basis is held. The kernel matrix has
         `m = k_h * k_w * C_in` rows.
 
     Output shape:
@@ -402,6 +478,19 @@ class FactorizedConv1D(_FactorizedConv):
     _paddings = ("valid", "same", "causal")
 
 
+def _shared_config(layer):
+    """`layer`'s config, marked so that deserializing it in one object-sharing
+    scope (as `.keras` loading does) gives every user the same layer.
+
+    Keras marks an object seen twice itself, but by editing the first copy
+    of its config after the fact; the parent layers' configs are copied on
+    the way up, so that edit is lost. Marking every copy at once keeps it.
+    """
+    config = keras.saving.serialize_keras_object(layer)
+    config["shared_object_id"] = id(layer)
+    return config
+
+
 def _tuple(name, value, length):
     if isinstance(value, int):
         value = (value,) * length
@@ -417,9 +506,9 @@ def _tuple(name, value, length):
 
 @keras.saving.register_keras_serializable(package="micik_tf")
 class FactorizedEinsumDense(_Factorized):
-    """An `EinsumDense` with one contracted axis, stored as low-rank factors.
+    """An `EinsumDense`, stored as low-rank factors.
 
-    The kernel is a matrix of its contracted axis (`m` rows) against all its
+    The kernel is a matrix of its contracted axes (`m` rows) against all its
     other axes (`n` columns, flattened in kernel order). The first stage
     contracts the input's axis with an `m x r` factor (for a last-axis
     contraction, as in attention projections, a matmul like Dense's, so the
@@ -427,9 +516,9 @@ class FactorizedEinsumDense(_Factorized):
     kernel's other axes with the `r x n` factor.
 
     Args:
-        equation: the original layer's equation, e.g. `"abc,cde->abde"`,
-            with exactly one letter shared by the input and the kernel and
-            absent from the output.
+        equation: the original layer's equation, e.g. `"abc,cde->abde"`
+            or `"abcd,cde->abe"` (two contracted axes, flattened into the
+            `m` rows in kernel order).
         kernel_shape: the original kernel's shape.
         bias_shape: the original bias's shape (None: no bias).
         The other arguments are those of `FactorizedDense` (`units` is `n`,
@@ -445,10 +534,10 @@ class FactorizedEinsumDense(_Factorized):
         spec = einsum_spec(self.equation)
         if spec is None:
             raise ValueError(
-                f"FactorizedEinsumDense needs an equation with one contracted "
-                f"axis (one letter in the input and the kernel, not in the "
-                f"output, and no other kernel letter in the input). Received: "
-                f"{self.equation!r}"
+                f"FactorizedEinsumDense needs an equation whose kernel axes are "
+                f"either contracted (a letter in the input and the kernel, not in "
+                f"the output) or kept (in the kernel and the output, not in the "
+                f"input). Received: {self.equation!r}"
             )
         self._inputs, self._kernel, self._output, self.contracted = spec
         if len(self._kernel) != len(self.full_kernel_shape):
@@ -456,38 +545,45 @@ class FactorizedEinsumDense(_Factorized):
                 f"`kernel_shape` {self.full_kernel_shape} does not fit the "
                 f"equation {self.equation!r}."
             )
-        position = self._kernel.index(self.contracted)
-        rest = [d for i, d in enumerate(self.full_kernel_shape) if i != position]
+        dims = dict(zip(self._kernel, self.full_kernel_shape))
+        self._contracted_dims = tuple(dims[c] for c in self.contracted)
+        kernel_rest = "".join(c for c in self._kernel if c not in self.contracted)
+        rest = tuple(dims[c] for c in kernel_rest)
         super().__init__(math.prod(rest), use_bias=self.bias_shape_ is not None, **kwargs)
-        self._position, self._rest = position, tuple(rest)
+        self._rest = rest
+        # The matrix's axes in kernel order are the contracted letters, then the rest.
+        self._to_kernel = tuple((self.contracted + kernel_rest).index(c) for c in self._kernel)
         free = next(c for c in "zyxwvutsrqponmlkjihgfedcba" if c not in self.equation)
-        projected = self._inputs.replace(self.contracted, free)
+        first = min(self._inputs.index(c) for c in self.contracted)
+        projected = "".join(
+            free if i == first else c for i, c in enumerate(self._inputs)
+            if c not in self.contracted or i == first)
         self._first = f"{self._inputs},{self.contracted}{free}->{projected}"
-        kernel_rest = self._kernel.replace(self.contracted, "")
         self._second = f"{projected},{free}{kernel_rest}->{self._output}"
 
     def _kernel_rows(self, input_shape):
-        m = self.full_kernel_shape[self._position]
         letters = self._inputs.replace("...", "")
-        axis = letters.index(self.contracted) - len(letters)
-        if input_shape[axis] is not None and int(input_shape[axis]) != m:
-            raise ValueError(
-                f"Layer '{self.name}' contracts an input axis of size {m}. "
-                f"Received input shape: {input_shape}"
-            )
-        return m
+        for c, size in zip(self.contracted, self._contracted_dims):
+            axis = letters.index(c) - len(letters)
+            if input_shape[axis] is not None and int(input_shape[axis]) != size:
+                raise ValueError(
+                    f"Layer '{self.name}' contracts input axes of sizes "
+                    f"{self._contracted_dims}. Received input shape: {input_shape}"
+                )
+        return math.prod(self._contracted_dims)
 
     def kernel_shape(self):
         return self.full_kernel_shape
 
     def kernel_from_matrix(self, matrix):
-        kernel = matrix.reshape((matrix.shape[0],) + self._rest)
-        return np.moveaxis(kernel, 0, self._position)
+        kernel = matrix.reshape(self._contracted_dims + self._rest)
+        return np.transpose(kernel, self._to_kernel)
 
     def bias_shape(self):
         return self.bias_shape_
 
     def project(self, x, left):
+        left = ops.reshape(left, self._contracted_dims + (ops.shape(left)[-1],))
         return ops.einsum(self._first, x, left)
 
     def combine(self, projected, right):
@@ -503,8 +599,10 @@ class FactorizedEinsumDense(_Factorized):
 
 
 def einsum_spec(equation):
-    """`(input, kernel, output, contracted letter)` of an EinsumDense
-    equation with exactly one contracted axis, else None."""
+    """`(input, kernel, output, contracted letters)` of an EinsumDense
+    equation whose kernel axes are either contracted with the input or kept
+    in the output, else None. The contracted letters are in kernel order
+    (`"cd"` for MultiHeadAttention's output projection `"abcd,cde->abe"`)."""
     match = re.fullmatch(r"([a-zA-Z.]+),([a-zA-Z]+)->([a-zA-Z.]+)", equation.replace(" ", ""))
     if match is None:
         return None
@@ -512,12 +610,12 @@ def einsum_spec(equation):
     letters = lambda text: set(text.replace("...", ""))  # noqa: E731
     shared = letters(inputs) & set(kernel)
     contracted = shared - letters(output)
-    if len(contracted) != 1 or shared != contracted or len(set(kernel)) != len(kernel):
+    if not contracted or shared != contracted or len(set(kernel)) != len(kernel):
         return None
     # Every other kernel letter goes to the output (no sum over a kernel axis).
     if not (set(kernel) - contracted) <= letters(output):
         return None
-    return inputs, kernel, output, contracted.pop()
+    return inputs, kernel, output, "".join(c for c in kernel if c in contracted)
 
 
 # Every wrapper compress() builds, for code that treats them alike.

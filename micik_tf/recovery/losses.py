@@ -37,7 +37,7 @@ import numpy as np
 import keras
 from keras import ops
 
-from micik_tf.layers import FACTORIZED
+from micik_tf.layers import FACTORIZED, CompressedBlock
 from micik_tf.validation import names as _names
 from micik_tf.validation import non_negative_float as _non_negative_float
 from micik_tf.validation import positive_int
@@ -433,6 +433,8 @@ def similarity_layer_names(teacher, student):
     layers whose name is also a top-level layer of the student, of a type a
     compressed site can have there (`FactorizedConv2D`, `FactorizedDense`, or
     the original `Conv2D`/`Dense`): compression keeps a site's layer name.
+    Composite layers with compressed layers inside (a `CompressedBlock` in
+    the student, such as an attention layer) are compared at their outputs.
 
     Args:
         teacher: the original `keras.Model`.
@@ -445,6 +447,8 @@ def similarity_layer_names(teacher, student):
     return [
         layer.name
         for layer in teacher.layers
-        if isinstance(layer, _TEACHER_TYPES)
-        and isinstance(student_layers.get(layer.name), _STUDENT_TYPES)
+        if (isinstance(layer, _TEACHER_TYPES)
+            and isinstance(student_layers.get(layer.name), _STUDENT_TYPES))
+        # A composite layer (e.g. attention) with compressed layers inside.
+        or isinstance(student_layers.get(layer.name), CompressedBlock)
     ]
