@@ -9,6 +9,8 @@ teacher's by name.
 
 import keras
 
+from micik_tf.validation import one_of
+
 
 def vgg_style(input_shape, num_classes, widths=(64, 64, 128, 128, 256, 256), dense=256,
               name="vgg_style"):
@@ -225,19 +227,19 @@ def googlenet(input_shape=(224, 224, 3), num_classes=1000, cifar_stem=None, name
 
 
 def vit_tiny(input_shape=(28, 28, 1), num_classes=10, dim=64, depth=4, heads=4, mlp=128,
-             patch=4, name="vit_tiny"):
-    """A small Vision Transformer, built as keras-hub builds its blocks: the
-    attention's query, key and value projections are `EinsumDense` layers
-    (`"abc,cde->abde"`, one per head group) in the functional graph, the
-    heads are merged by a reshape and a Dense, and the feed-forward block is
-    two Dense layers. Positions come from a depthwise convolution on the
-    patch grid (a conditional positional encoding, Chu et al. 2021), which
-    needs no custom layer. Pre-norm blocks, average pooling over tokens.
-
-    `compress()` reaches every projection: keras.layers.MultiHeadAttention
-    holds its projections inside one composite layer, which compress() does
-    not open yet.
+             patch=4, attention="einsum", name="vit_tiny"):
+    """A small Vision Transformer. With `attention="einsum"` its blocks are
+    built as keras-hub builds them: the query, key and value projections are
+    `EinsumDense` layers (`"abc,cde->abde"`, one per head group) in the
+    functional graph, and the heads are merged by a reshape and a Dense. With
+    `attention="mha"` each block's attention is one
+    `keras.layers.MultiHeadAttention` layer, which holds its four
+    projections (compress() opens it). The feed-forward block is two Dense
+    layers. Positions come from a depthwise convolution on the patch grid (a
+    conditional positional encoding, Chu et al. 2021), which needs no custom
+    layer. Pre-norm blocks, average pooling over tokens.
     """
+    attention = one_of("attention", attention, ("einsum", "mha"))
     head_dim = dim // heads
     inputs = keras.Input(input_shape)
     x = keras.layers.Conv2D(dim, patch, strides=patch, name="patch_embed")(inputs)
@@ -248,6 +250,11 @@ def vit_tiny(input_shape=(28, 28, 1), num_classes=10, dim=64, depth=4, heads=4, 
     for i in range(depth):
         block = f"block{i + 1}"
         h = keras.layers.LayerNormalization(epsilon=1e-6, name=f"{block}_ln1")(x)
+        if attention == "mha":
+            h = keras.layers.MultiHeadAttention(heads, head_dim, name=f"{block}_attn")(h, h)
+            x = keras.layers.Add(name=f"{block}_res1")([x, h])
+            x = _feed_forward(x, block, dim, mlp)
+            continue
         q, k, v = (keras.layers.EinsumDense("abc,cde->abde", output_shape=(None, heads, head_dim),
                                             bias_axes="de", name=f"{block}_{n}")(h)
                    for n in ("query", "key", "value"))
@@ -257,18 +264,22 @@ def vit_tiny(input_shape=(28, 28, 1), num_classes=10, dim=64, depth=4, heads=4, 
         h = keras.layers.Reshape((tokens, dim), name=f"{block}_merge")(h)
         h = keras.layers.Dense(dim, name=f"{block}_attn_out")(h)
         x = keras.layers.Add(name=f"{block}_res1")([x, h])
-        h = keras.layers.LayerNormalization(epsilon=1e-6, name=f"{block}_ln2")(x)
-        h = keras.layers.Dense(mlp, activation="gelu", name=f"{block}_mlp1")(h)
-        h = keras.layers.Dense(dim, name=f"{block}_mlp2")(h)
-        x = keras.layers.Add(name=f"{block}_res2")([x, h])
+        x = _feed_forward(x, block, dim, mlp)
     x = keras.layers.LayerNormalization(epsilon=1e-6, name="final_ln")(x)
     x = keras.layers.GlobalAveragePooling1D(name="pool")(x)
     return keras.Model(inputs, keras.layers.Dense(num_classes, name="logits")(x), name=name)
 
 
-def _vit_tiny(input_shape, num_classes, width):
+def _feed_forward(x, block, dim, mlp):
+    h = keras.layers.LayerNormalization(epsilon=1e-6, name=f"{block}_ln2")(x)
+    h = keras.layers.Dense(mlp, activation="gelu", name=f"{block}_mlp1")(h)
+    h = keras.layers.Dense(dim, name=f"{block}_mlp2")(h)
+    return keras.layers.Add(name=f"{block}_res2")([x, h])
+
+
+def _vit_tiny(input_shape, num_classes, width, attention="einsum", name="vit_tiny"):
     return vit_tiny(input_shape, num_classes, dim=_scaled(64, width), mlp=_scaled(128, width),
-                    heads=4 if width >= 1 else 2)
+                    heads=4 if width >= 1 else 2, attention=attention, name=name)
 
 
 def _scaled(channels, width):
@@ -311,6 +322,7 @@ ARCHITECTURES = {
     "vgg16_half": _vgg16_half,
     "googlenet": _googlenet,
     "vit_tiny": _vit_tiny,
+    "vit_mha": lambda s, c, w: _vit_tiny(s, c, w, attention="mha", name="vit_mha"),
 }
 
 

@@ -145,10 +145,11 @@ def test_scale_rerun_of_some_parts_keeps_the_others_with_their_commit(tmp_path, 
 
 
 @pytest.mark.slow
-def test_vit_smoke(tmp_path):
-    """The ViT suite end to end, tiny: MICIK and per-layer SVD at one budget."""
-    data = _smoke("vit", tmp_path)
+@pytest.mark.parametrize("suite, arch", [("vit", "vit_tiny"), ("vit_mha", "vit_mha")])
+def test_vit_smoke(tmp_path, suite, arch):
+    """The ViT suites end to end, tiny: MICIK and per-layer SVD at one budget."""
+    data = _smoke(suite, tmp_path)
     methods = {r["method"] for r in data["rows"]}
     assert methods == {"micik", "per_layer"}
     assert all(r["accuracy"] is not None for r in data["rows"])
-    assert data["teacher"]["params"] > 0 and data["protocol"]["arch"] == "vit_tiny"
+    assert data["teacher"]["params"] > 0 and data["protocol"]["arch"] == arch

@@ -48,3 +48,18 @@ def test_vit_tiny_projections_are_all_compressible():
     assert {"block4_value", "block2_mlp1", "block3_attn_out", "logits"} <= set(stream)
     compressed = micik_tf.compress(model, ratio=4, verbose=0)
     assert micik_tf.report(compressed).ratio > 3.9
+
+
+def test_vit_mha_opens_multi_head_attention():
+    from micik_tf.compression.grouping import find_sites
+
+    model = models.build("vit_mha", (28, 28, 1), 10)
+    sites, _ = find_sites(model)
+    held = sorted(s.name for s in sites if s.held)
+    # q, k, v and the output projection of each block's MultiHeadAttention.
+    assert len(held) == 16 and "block2_attn/attention_output" in held
+    compressed = micik_tf.compress(model, ratio=4, verbose=0)
+    rep = micik_tf.report(compressed)
+    assert rep.ratio > 3.9 and any(layer["name"].startswith("block1_attn/") for layer in rep.layers)
+    x = np.random.default_rng(0).random((2, 28, 28, 1)).astype("float32")
+    assert compressed(x).shape == (2, 10)

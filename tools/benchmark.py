@@ -9,6 +9,8 @@ Suites (the code of each is in benchmarks/<suite>.py, outside the installed pack
                   3 seeds (hours on 2 CPU cores; --quick for a half-hour look).
   vit             a small Vision Transformer on Fashion-MNIST: MICIK vs per-layer
                   SVD at 2x, 4x and 8x on its attention and feed-forward weights.
+  vit_mha         the same with keras.layers.MultiHeadAttention (its projections
+                  compressed inside it), 2 seeds.
   deploy          sizes, accuracy and TFLite latency of every export format,
                   teacher vs MICIK students stacked with pruning and int8.
   cost            compress() seconds on VGG-16 (138M), and train-step and
@@ -37,9 +39,9 @@ from absl import app, flags, logging
 
 FLAGS = flags.FLAGS
 
-SUITES = ("curve", "vit", "deploy", "cost", "paper", "scale")
+SUITES = ("curve", "vit", "vit_mha", "deploy", "cost", "paper", "scale")
 # Each suite's ratios when --ratios is not given.
-DEFAULT_RATIOS = {"curve": [], "vit": [],
+DEFAULT_RATIOS = {"curve": [], "vit": [], "vit_mha": [],
                   "cost": ["16"], "paper": [], "deploy": ["16"], "scale": []}
 
 
@@ -98,7 +100,7 @@ def _run(suite, ratios, smoke):
     if suite == "scale" and FLAGS.parts:
         return lib.rerun_parts(FLAGS.parts, os.path.join(FLAGS.output_dir, "scale.json"),
                                git_commit(), smoke), None
-    if suite == "vit":
+    if suite in ("vit", "vit_mha"):
         return lib.run_suite(smoke, FLAGS.output_dir)
     if suite in ("paper", "scale"):
         return lib.run_suite(smoke), None
