@@ -31,6 +31,7 @@ def _smoke(suite, tmp_path, *args):
     return data
 
 
+@pytest.mark.slow  # four minutes; also `make benchmark-smoke` (kept out to hold CI under 10)
 def test_curve_quick_smoke(tmp_path):
     """The --quick protocol end to end (on digits, tiny, two worker processes):
     every core method at the same stored-parameter budget, tfmot in its own
