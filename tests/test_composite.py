@@ -135,8 +135,8 @@ def test_attention_model_compresses_by_ratio_with_calibration_and_exports(tmp_pa
     rep = micik_tf.report(student)
     held = [layer for layer in rep.layers if layer["name"].startswith("mha")]
     assert held, rep
-    # Held layers have no graph output to calibrate on: weight-space fit.
-    assert {layer["initialization"] for layer in held} == {"weights"}
+    # Held layers are calibrated on their inputs, recorded inside the block.
+    assert {layer["initialization"] for layer in rep.layers} == {"outputs"}
     assert 1.9 < rep.ratio
     results = micik_tf.export(student, tmp_path, formats=EXPORT_FORMATS, check_data=x)
     assert results["saved_model"]["relative_error"] < 1e-5
@@ -171,12 +171,21 @@ def test_a_subclassed_model_shares_across_its_blocks(tmp_path):
     assert results["tflite"]["relative_error"] < 1e-4
 
 
-def test_a_subclassed_model_compresses_by_ratio():
+def test_a_subclassed_model_compresses_by_ratio_on_calibration_data():
     model = _tower()
-    student = micik_tf.compress(model, ratio=3, verbose=0)
+    x = np.random.default_rng(0).normal(size=(64, 12)).astype("float32")
+    plain = micik_tf.compress(model, ratio=3, verbose=0)
+    student = micik_tf.compress(model, ratio=3, calibration_data=x, verbose=0)
     rep = micik_tf.report(student)
     assert 2.9 < rep.ratio < 3.2
     assert any("/block" in layer["name"] for layer in rep.layers)
+    assert {layer["initialization"] for layer in rep.layers} == {"outputs"}
+
+    # Fitting the outputs on the data beats fitting the weights, on that data.
+    def error(candidate):
+        return float(np.linalg.norm(candidate(x) - model(x)) / np.linalg.norm(model(x)))
+
+    assert error(student) < error(plain)
 
 
 @keras.saving.register_keras_serializable(package="micik_tf_tests")

@@ -107,7 +107,8 @@ def collect_covariances(model, sites, data, max_batches=8, rows_per_image=ROWS_P
     """
     full_max = FULL_COVARIANCE_MAX if full_max is None else full_max
     wanted = {s.name: s for s in sites}
-    records, extractors = _extractors(model, wanted)
+    captured = {}  # inputs of layers held inside composite layers, per call
+    records, extractors = _extractors(model, wanted, captured)
     sums = {name: 0.0 for name in wanted}
     counts = {name: 0 for name in wanted}
     rng = np.random.default_rng(seed)
@@ -122,18 +123,24 @@ def collect_covariances(model, sites, data, max_batches=8, rows_per_image=ROWS_P
                 if key in extractors:
                     run(key, value)
                 continue
-            rows = sampled_rows(wanted[key], value, rows_per_image, rng).astype(np.float32)
-            if wanted[key].m > full_max:
-                sums[key] = sums[key] + np.sum(np.square(rows, dtype=np.float64), axis=0)
-            elif counts[key] == 0:
-                sums[key] = rows.T @ rows
-            else:
-                # In place, in float32: float64 sums of VGG-16's covariances
-                # took 1.3 GB. A chunk adds a few hundred rows, so even a
-                # thousand chunks lose under 1e-4 of relative precision,
-                # far below the whitening's 1e-2 damping.
-                sums[key] += rows.T @ rows
-            counts[key] += len(rows)
+            if kind == "site":
+                add(key, value)
+        while captured:
+            add(*captured.popitem())
+
+    def add(key, value):
+        rows = sampled_rows(wanted[key], value, rows_per_image, rng).astype(np.float32)
+        if wanted[key].m > full_max:
+            sums[key] = sums[key] + np.sum(np.square(rows, dtype=np.float64), axis=0)
+        elif counts[key] == 0:
+            sums[key] = rows.T @ rows
+        else:
+            # In place, in float32: float64 sums of VGG-16's covariances
+            # took 1.3 GB. A chunk adds a few hundred rows, so even a
+            # thousand chunks lose under 1e-4 of relative precision,
+            # far below the whitening's 1e-2 damping.
+            sums[key] += rows.T @ rows
+        counts[key] += len(rows)
 
     for index, batch in enumerate(as_batches(data, max_batches, len(model.inputs[0].shape))):
         if np.issubdtype(batch.dtype, np.floating) and not np.all(np.isfinite(batch)):
@@ -159,13 +166,24 @@ def collect_covariances(model, sites, data, max_batches=8, rows_per_image=ROWS_P
     return covariances
 
 
-def _extractors(model, wanted):
+def _extractors(model, wanted, captured):
     """Per (nested) model of a copy of `model`, the records of what it feeds
     and a Keras model returning the inputs of the wanted sites (and of nested
-    models holding some)."""
+    models holding some). Wanted layers held inside a composite layer are
+    wrapped by a `_Recorder`, which puts their input in `captured` as the
+    extractor runs; the composite's output is then an output too, so that it
+    runs."""
     records, pairs, nested = {}, [], {}
+    held = {}
+    for name, site in wanted.items():
+        if site.held:
+            held.setdefault(site.block, {})[site.location] = name
 
     def make_layer(layer, path):
+        if path in held:
+            names = held[path]
+            return graph.compressed_block(
+                layer, lambda at, old: _Recorder(old, names[at], captured), list(names))
         new = graph.clone_layer(layer)
         pairs.append((layer, new))
         return new
@@ -177,7 +195,10 @@ def _extractors(model, wanted):
         elif isinstance(layer, keras.Model):
             nested[path] = layer
             records.setdefault(path[:-1], []).append(("model", path, args[0]))
-        return layer(*args, **kwargs)
+        outputs = layer(*args, **kwargs)
+        if path in held:
+            records.setdefault(path[:-1], []).append(("block", path, outputs))
+        return outputs
 
     probe = graph.rebuild(model, make_layer, call_layer)
     for old, new in pairs:
@@ -188,6 +209,27 @@ def _extractors(model, wanted):
         for owner, items in records.items()
     }
     return records, extractors
+
+
+class _Recorder(keras.layers.Layer):
+    """Runs `layer`, and when run eagerly puts its input in `captured[key]`
+    (an extractor is called eagerly; tracing passes symbolic tensors, which
+    have no value to record)."""
+
+    def __init__(self, layer, key, captured):
+        super().__init__(name=f"{layer.name}_recorder", dtype=layer.dtype_policy)
+        self.layer, self.key = layer, key
+        # A method, not the dict: Keras would track (copy) a dict attribute.
+        self.store = captured.__setitem__
+
+    def call(self, inputs):
+        try:
+            value = keras.ops.convert_to_numpy(inputs)
+        except Exception:  # noqa: BLE001 (symbolic: nothing to record)
+            value = None
+        if value is not None:
+            self.store(self.key, value)
+        return self.layer(inputs)
 
 
 def _single_input(model):

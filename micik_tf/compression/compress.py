@@ -25,7 +25,6 @@ from micik_tf.layers import (
     FactorizedDense,
     FactorizedEinsumDense,
     SharedBasis,
-    sublayers,
 )
 from micik_tf.validation import float_above, one_of, positive_int
 
@@ -449,10 +448,14 @@ def _build(model, grouped, plan, kernels, metrics, untouched, seed):
 def _compressed_block(layer, replacements):
     """A copy of the composite `layer` (weights included), with the wrappers
     in place of the layers they replace."""
-    block = graph.clone_built(layer)
-    for location, wrapper in replacements:
-        wrapper.build_from_config(sublayers.get(block, location).get_build_config())
-    return CompressedBlock(block, replacements, name=layer.name)
+    wrappers = dict(replacements)
+
+    def make_replacement(location, old):
+        wrapper = wrappers[location]
+        wrapper.build_from_config(old.get_build_config())
+        return wrapper
+
+    return graph.compressed_block(layer, make_replacement, list(wrappers))
 
 
 def _call_block(block, args, kwargs):

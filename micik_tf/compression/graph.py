@@ -18,7 +18,7 @@ called, so their graphs and weights stay exactly as they were.
 import keras
 
 from micik_tf.compression.grouping import is_container, is_graph_model
-from micik_tf.layers import sublayers
+from micik_tf.layers import CompressedBlock, sublayers
 
 
 def check_graph_model(model):
@@ -76,6 +76,15 @@ def clone_built(layer):
     copy_names(layer, copy)  # and those made in build
     copy.set_weights(layer.get_weights())
     return copy
+
+
+def compressed_block(layer, make_replacement, locations):
+    """A `CompressedBlock` around a built copy of the composite `layer`, with
+    `make_replacement(location, the copy's layer there)` put at each of
+    `locations`."""
+    block = clone_built(layer)
+    replacements = [(at, make_replacement(at, sublayers.get(block, at))) for at in locations]
+    return CompressedBlock(block, replacements, name=layer.name)
 
 
 def copy_names(original, copy):
