@@ -11,6 +11,7 @@ scratch state is `.vit_mha_work/`.
 """
 
 import dataclasses
+import functools
 
 from benchmarks import curve, vit
 
@@ -19,14 +20,9 @@ PROTOCOL = dataclasses.replace(
     regimes=(("limited", curve.Regime(0.1, 3, (2.0, 4.0, 8.0), 2, ("micik", "per_layer"))),))
 SMOKE = dataclasses.replace(vit.SMOKE, arch="vit_mha")
 
+markdown = functools.partial(curve.markdown, stem="vit_mha")
+plot = curve.plot
+
 
 def run_suite(smoke, output_dir):
     return curve.run_suite(SMOKE if smoke else PROTOCOL, output_dir, work_name=".vit_mha_work")
-
-
-def markdown(result, command):
-    return curve.markdown(result, command, stem="vit_mha")
-
-
-def plot(result, path):
-    return curve.plot(result, path)
