@@ -253,3 +253,58 @@ def test_the_distiller_compares_attention_blocks_by_default():
     names = similarity_layer_names(teacher, student)
     assert {"mha0", "mha1"} <= set(names), names
     assert np.isfinite(history.history["loss"][-1])
+
+
+@keras.saving.register_keras_serializable(package="micik_tf_tests")
+class Encoder(keras.layers.Layer):
+    """A keras-hub-style encoder block: a MultiHeadAttention and a list of
+    feed-forward Dense layers, held by a user's layer (composites nested)."""
+
+    def __init__(self, dim=16, **kwargs):
+        super().__init__(**kwargs)
+        self.dim = dim
+        self.attention = keras.layers.MultiHeadAttention(2, dim // 2)
+        self.norms = [keras.layers.LayerNormalization() for _ in range(2)]
+        self.feed_forward = [keras.layers.Dense(2 * dim, activation="gelu"),
+                             keras.layers.Dense(dim)]
+
+    def build(self, shape):
+        shape = tuple(shape)
+        self.attention.build(shape, shape)
+        for norm in self.norms:
+            norm.build(shape)
+        self.feed_forward[0].build(shape)
+        self.feed_forward[1].build(shape[:-1] + (2 * self.dim,))
+
+    def call(self, x):
+        h = self.norms[0](x)
+        x = x + self.attention(h, h)
+        h = self.norms[1](x)
+        for dense in self.feed_forward:
+            h = dense(h)
+        return x + h
+
+    def get_config(self):
+        return {**super().get_config(), "dim": self.dim}
+
+
+def test_attention_nested_in_a_users_encoder(tmp_path):
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((6, 16))
+    x = inputs
+    for i in range(2):
+        x = Encoder(name=f"enc{i}")(x)
+    model = keras.Model(inputs, keras.layers.Dense(3)(keras.layers.GlobalAveragePooling1D()(x)))
+    x = np.random.default_rng(0).normal(size=(32, 6, 16)).astype("float32")
+    queries = [s.name for s in micik_tf.compression.grouping.find_sites(model)[0]
+               if s.name.endswith("/query")]
+    assert len(queries) == 2  # enc0/<attention>/query, enc1/<attention>/query
+    exact = micik_tf.compress(model, ranks={n: (16, 0) for n in queries}, groups=[queries],
+                              share="input", verbose=0)
+    np.testing.assert_allclose(exact(x), model(x), atol=1e-5)
+    student = micik_tf.compress(model, ratio=2, calibration_data=x, verbose=0)
+    path = str(tmp_path / "encoder.keras")
+    student.save(path)
+    loaded = keras.saving.load_model(path)
+    assert loaded.count_params() == student.count_params()
+    np.testing.assert_allclose(loaded(x), student(x), atol=1e-6)
