@@ -308,3 +308,15 @@ def test_attention_nested_in_a_users_encoder(tmp_path):
     loaded = keras.saving.load_model(path)
     assert loaded.count_params() == student.count_params()
     np.testing.assert_allclose(loaded(x), student(x), atol=1e-6)
+
+
+def test_the_distiller_takes_a_subclassed_teacher():
+    teacher = _tower()
+    snapshot = _snapshot(teacher)
+    student = micik_tf.compress(teacher, ratio=2, verbose=0)
+    distiller = micik_tf.Distiller(teacher, student)
+    distiller.compile(optimizer="adam")
+    x = np.random.default_rng(0).normal(size=(16, 12)).astype("float32")
+    history = distiller.fit(x, np.arange(16) % 4, batch_size=8, epochs=1, verbose=0)
+    assert np.isfinite(history.history["loss"][-1])
+    assert _unchanged(teacher, snapshot)

@@ -22,6 +22,7 @@ import dataclasses
 import keras
 import tensorflow as tf
 
+from micik_tf.compression import graph
 from micik_tf.recovery import losses, objective
 from micik_tf.recovery.strategies import in_replica_context
 from micik_tf.validation import names as _names
@@ -32,7 +33,9 @@ class Distiller(keras.distillation.Distiller):
     """Recovers a compressed `student` from its `teacher` with `fit`.
 
     Args:
-        teacher: the original Functional or Sequential model (logits out).
+        teacher: the original model (logits out). A subclassed teacher is
+            run as a copy inside a Functional model (its weights copied, the
+            original left as it is), as `compress()` returns its student.
         student: its compressed copy (e.g. from `micik_tf.compress`), with
             the same inputs and outputs.
         layer_names: the layers whose features L_sim and L_inh compare, by
@@ -53,6 +56,10 @@ class Distiller(keras.distillation.Distiller):
     def __init__(self, teacher, student, layer_names=None, alpha=1.0, beta=1.0,
                  gamma=0.5, temperature=4.0, window=1, w_near=1.0, w_far=0.5,
                  name="micik_distiller", **kwargs):
+        if isinstance(teacher, keras.Model) and not graph.is_graph_model(teacher):
+            # A subclassed teacher runs as a copy inside a Functional model,
+            # as compress() returns its student: their outputs line up by name.
+            teacher = graph.as_graph(teacher)
         for role, model in (("teacher", teacher), ("student", student)):
             _check_model(role, model)
         _check_logits(teacher)
