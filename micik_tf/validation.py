@@ -12,6 +12,16 @@ import math
 import numbers
 
 
+def first_error(error):
+    """`"Type: first line"` of the error that started `error`'s chain: Keras
+    re-raises a layer's error with its own context added (a multi-line
+    message), keeping the original as `__context__`."""
+    while error.__context__ is not None:
+        error = error.__context__
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0] if lines else ''}"
+
+
 def _invalid(name, expected, value):
     return ValueError(
         f"Received an invalid value for `{name}`, expected {expected}. "

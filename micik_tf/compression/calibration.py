@@ -213,8 +213,8 @@ def _extractors(model, wanted, captured):
 
 class _Recorder(keras.layers.Layer):
     """Runs `layer`, and when run eagerly puts its input in `captured[key]`
-    (an extractor is called eagerly; tracing passes symbolic tensors, which
-    have no value to record)."""
+    (an extractor is called eagerly; building it traces symbolic tensors,
+    which have no value to record)."""
 
     def __init__(self, layer, key, captured):
         super().__init__(name=f"{layer.name}_recorder", dtype=layer.dtype_policy)
@@ -223,12 +223,8 @@ class _Recorder(keras.layers.Layer):
         self.store = captured.__setitem__
 
     def call(self, inputs):
-        try:
-            value = keras.ops.convert_to_numpy(inputs)
-        except Exception:  # noqa: BLE001 (symbolic: nothing to record)
-            value = None
-        if value is not None:
-            self.store(self.key, value)
+        if tf.executing_eagerly():
+            self.store(self.key, keras.ops.convert_to_numpy(inputs))
         return self.layer(inputs)
 
 

@@ -26,7 +26,7 @@ from micik_tf.layers import (
     FactorizedEinsumDense,
     SharedBasis,
 )
-from micik_tf.validation import float_above, one_of, positive_int
+from micik_tf.validation import first_error, float_above, one_of, positive_int
 
 DEFAULT_RATIO = 4.0
 MODES = ("micik", "per_layer", "common_only")
@@ -462,14 +462,10 @@ def _call_block(block, args, kwargs):
     try:
         return block(*args, **kwargs)
     except Exception as error:  # noqa: BLE001 (the user's call() may raise anything)
-        # Keras re-raises with its own context added; the first error is the cause.
-        while error.__context__ is not None:
-            error = error.__context__
-        cause = str(error).strip().splitlines()[0] if str(error).strip() else ""
         names = ", ".join(f"'{layer.name}'" for _, layer in block.replacements())
         raise ValueError(
             f"Layer '{block.name}' ({type(block.block).__name__}) fails once its "
-            f"layers {names} are factorized: {type(error).__name__}: {cause}. Its "
+            f"layers {names} are factorized: {first_error(error)}. Its "
             "call() probably reads those layers' `kernel` directly. Leave them "
             f"whole with exclude=[...] (their paths start with '{block.name}/')."
         ) from None

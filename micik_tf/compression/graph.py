@@ -19,6 +19,7 @@ import keras
 
 from micik_tf.compression.grouping import is_container, is_graph_model
 from micik_tf.layers import CompressedBlock, sublayers
+from micik_tf.validation import first_error
 
 
 def check_graph_model(model):
@@ -44,13 +45,10 @@ def as_graph(model):
     try:
         copy = clone_built(model)
     except Exception as error:  # noqa: BLE001 (any failure of the user's get_config/__init__)
-        while error.__context__ is not None:  # the first error, not Keras' re-raise
-            error = error.__context__
-        cause = (str(error).strip().splitlines() or [""])[0]
         raise TypeError(
             f"compress() copies subclassed model '{model.name}' through "
-            f"get_config()/from_config(), which failed ({type(error).__name__}: "
-            f"{cause}). Give {name} a get_config() that returns its __init__ "
+            f"get_config()/from_config(), which failed ({first_error(error)}). "
+            f"Give {name} a get_config() that returns its __init__ "
             "arguments, and register it with "
             "@keras.saving.register_keras_serializable() so that it also loads."
         ) from None

@@ -26,8 +26,7 @@ def _positions(layer, columns, rows):
     except (AttributeError, ValueError):
         # Held inside a composite layer: no graph node, only its build shape.
         shape = layer.get_build_config()["input_shape"]
-        if not isinstance(layer, (keras.layers.Conv1D, keras.layers.Conv2D)) and not (
-                isinstance(layer, FACTORIZED) and hasattr(layer, "kernel_size")):
+        if not hasattr(layer, "kernel_size"):  # not a convolution (or its wrapper)
             size, per = _size(shape), rows  # one row of the input per position
         else:
             size, per = _size(layer.compute_output_spec(keras.KerasTensor(shape)).shape), columns

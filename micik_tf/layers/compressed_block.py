@@ -67,8 +67,7 @@ class CompressedBlock(keras.layers.Layer):
         config = dict(config)
         block = keras.saving.deserialize_keras_object(config.pop("block"))
         replacements = [
-            (sublayers.location_from_json(item["location"]),
-             keras.saving.deserialize_keras_object(item["layer"]))
+            (item["location"], keras.saving.deserialize_keras_object(item["layer"]))
             for item in config.pop("replacements")
         ]
         return cls(block, replacements, **config)

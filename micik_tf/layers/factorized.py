@@ -110,6 +110,9 @@ class _Factorized(keras.layers.Layer):
     # Subclasses give the input size `m` of the kernel matrix and the first
     # (projection) stage.
     _units_name = "units"
+    # Whether `project` puts the rank axis last, so that two projections can
+    # be concatenated on it (not an einsum's, in general).
+    _rank_axis_last = True
 
     def _kernel_rows(self, input_shape):
         raise NotImplementedError
@@ -227,12 +230,11 @@ class _Factorized(keras.layers.Layer):
         """The product without `concat(basis, own factor)`: input-side,
         `concat(x*B, x*U) . [A; V]` (activations are concatenated, and
         `[A; V]` is the layer's own); otherwise `(x*L) . R + (x*U) . V`."""
-        if self.shared_side == "input" and not isinstance(self, FactorizedEinsumDense):
+        if self.shared_side == "input" and self._rank_axis_last:
             projected = ops.concatenate(
                 [self.project(x, basis), self.project(x, self.unique_left)], axis=-1)
             return self.combine(
                 projected, ops.concatenate([self.coefficients, self.unique_right], axis=0))
-        # An einsum's projection may not end in its rank axis: two sums.
         common = ((basis, self.coefficients) if self.shared_side == "input"
                   else (self.coefficients, basis))
         return ops.add(self.combine(self.project(x, common[0]), common[1]),
@@ -524,6 +526,8 @@ class FactorizedEinsumDense(_Factorized):
         The other arguments are those of `FactorizedDense` (`units` is `n`,
         and is derived from `kernel_shape`).
     """
+
+    _rank_axis_last = False
 
     def __init__(self, equation, kernel_shape, bias_shape=None, **kwargs):
         kwargs.pop("use_bias", None)

@@ -103,7 +103,3 @@ def replace(root, location, new):
 
 def location_to_json(location):
     return [list(step) for step in location]
-
-
-def location_from_json(value):
-    return tuple(tuple(step) for step in value)
