@@ -14,8 +14,13 @@ from tests.layer_harness import run_layer_test
         (dict(units=4, rank_common=2, rank_unique=1, group="g"), (6, 2), 4),
         (dict(units=4, rank_common=3, rank_unique=0, group="g", use_bias=False), (6, 3), 1),
         (dict(units=4, rank_common=2, rank_unique=1, group="g", shared_side="output"), (2, 4), 4),
+        (dict(units=4, rank_common=2, rank_unique=0, group="g", sparse=True), (6, 2), 3),
+        # A zero sparse part and bias would leave relu without a gradient.
+        (dict(units=4, rank_common=0, rank_unique=0, sparse=True, bias_initializer="ones"),
+         None, 2),
     ],
-    ids=["unique_only", "shared_input", "common_only_no_bias", "shared_output"],
+    ids=["unique_only", "shared_input", "common_only_no_bias", "shared_output",
+         "shared_plus_sparse", "sparse_only"],
 )
 def test_factorized_dense_harness(kwargs, basis_shape, weights):
     run_layer_test(
@@ -43,11 +48,18 @@ def test_factorized_dense_harness(kwargs, basis_shape, weights):
             (2, 4),
             (2, 5, 5, 4),
         ),
+        (
+            dict(filters=4, kernel_size=3, strides=2, rank_common=2, rank_unique=1, group="g",
+                 sparse=True),
+            (27, 2),
+            (2, 2, 2, 4),
+        ),
     ],
-    ids=["unique_only", "shared_input_strided", "shared_output_dilated"],
+    ids=["unique_only", "shared_input_strided", "shared_output_dilated", "shared_plus_sparse"],
 )
 def test_factorized_conv_harness(kwargs, basis_shape, out_shape):
-    weights = 1 + (1 if kwargs.get("rank_common") else 0) + (2 if kwargs.get("rank_unique") else 0)
+    weights = (1 + (1 if kwargs.get("rank_common") else 0) + (2 if kwargs.get("rank_unique") else 0)
+               + (1 if kwargs.get("sparse") else 0))
     run_layer_test(
         FactorizedConv2D,
         dict(kwargs, activation="relu"),
@@ -116,11 +128,25 @@ def test_conv_numerics_match_dense_conv():
     np.testing.assert_allclose(y[0, 0, 0], patch @ kernel.reshape(8, 3), rtol=1e-5)
 
 
+def test_sparse_part_adds_its_matrix_by_hand():
+    layer = FactorizedDense(2, rank_common=0, rank_unique=1, use_bias=False, sparse=True)
+    layer.build((1, 3))
+    layer.unique_left.assign([[1.0], [0.0], [0.0]])
+    layer.unique_right.assign([[1.0, 1.0]])
+    layer.sparse_kernel.assign([[0.0, 0.0], [0.0, 3.0], [0.0, 0.0]])
+    x = np.array([[2.0, 5.0, 1.0]], "float32")
+    # W = U V + S = [[1,1],[0,3],[0,0]]; x W = [2, 17]
+    np.testing.assert_allclose(np.array(layer(x)), [[2.0, 17.0]])
+    np.testing.assert_allclose(layer.reconstruct_kernel(), [[1, 1], [0, 3], [0, 0]])
+    assert layer.nonzeros() == 1
+
+
 @pytest.mark.parametrize(
     "cls, kwargs, message",
     [
         (FactorizedDense, dict(units=0), "`units`"),
         (FactorizedDense, dict(units=3, rank_common=0, rank_unique=0), "at least one rank"),
+        (FactorizedDense, dict(units=3, sparse="yes"), "`sparse`"),
         (FactorizedDense, dict(units=3, rank_common=2), "needs `group`"),
         (FactorizedDense, dict(units=3, shared_side="left"), "`shared_side`"),
         (FactorizedDense, dict(units=3, rank_unique=-1), "`rank_unique`"),

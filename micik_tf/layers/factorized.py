@@ -12,6 +12,13 @@ sharing the roles swap: the layer owns `m x r_c` coefficients and the basis
 low-rank part. For a convolution, `x*L` is a `k x k` convolution to
 `r_c + r_u` channels and the product with `[R; V]` is a 1x1 convolution,
 so both the storage and the FLOPs fall when the ranks are small.
+
+With `sparse=True` the layer also has a sparse unique part `S` (`m x n`,
+stored dense with zeros): `y = act(x*L . R + x*S + b)`, MICIK's shared part
+plus a sparse residual (LoSparse; Yu et al. 2017). Its zeros are its mask:
+`compress()` chooses them, and recovery keeps them
+(`micik_tf.deploy.pruning.MagnitudePruner.fixed_masks`). The zeros save bytes
+after gzip, not runtime memory or time.
 """
 
 import contextlib
@@ -69,17 +76,22 @@ class _Factorized(keras.layers.Layer):
         relative_error=None,
         initialization=None,
         basis=None,
+        sparse=False,
         **kwargs,
     ):
         super().__init__(**kwargs)
         self.units = positive_int(self._units_name, units)
         self.rank_common = positive_int("rank_common", rank_common, allow_zero=True)
         self.rank_unique = positive_int("rank_unique", rank_unique, allow_zero=True)
-        if self.rank_common + self.rank_unique == 0:
+        if not isinstance(sparse, bool):
+            raise ValueError(f"Received an invalid value for `sparse`, expected True or False. "
+                             f"Received: sparse={sparse!r}")
+        self.sparse = sparse
+        if self.rank_common + self.rank_unique == 0 and not self.sparse:
             raise ValueError(
                 "Received rank_common=0 and rank_unique=0: a factorized layer "
                 "needs at least one rank. Give `rank_unique` >= 1 (or "
-                "`rank_common` >= 1 with a shared basis)."
+                "`rank_common` >= 1 with a shared basis), or sparse=True."
             )
         self.shared_side = one_of("shared_side", shared_side, SHARED_SIDES)
         if self.rank_common and group is None:
@@ -124,8 +136,9 @@ class _Factorized(keras.layers.Layer):
         raise NotImplementedError
 
     def combine(self, projected, right):
-        """The second stage: the projection times an `r x n` factor."""
-        return ops.matmul(projected, right)
+        """The second stage: the projection times an `r x n` factor (None:
+        the projection already has the `n` outputs)."""
+        return projected if right is None else ops.matmul(projected, right)
 
     def bias_shape(self):
         return (self.units,)
@@ -188,10 +201,19 @@ class _Factorized(keras.layers.Layer):
                 shape=(self.rank_unique, n),
                 initializer=self.factor_initializer,
             )
+        if self.sparse:
+            # Zeros are the mask: compress() sets the kept entries.
+            self.sparse_kernel = self.add_weight(
+                name="sparse_kernel", shape=(m, n), initializer="zeros")
         if self.use_bias:
             self.bias = self.add_weight(
                 name="bias", shape=self.bias_shape(), initializer=self.bias_initializer
             )
+
+    def apply_matrix(self, x, matrix):
+        """`x` times a full `m x n` kernel matrix, as the original layer
+        computes it (the sparse part's product)."""
+        return self.combine(self.project(x, matrix), None)
 
     def _factors(self, basis):
         """Returns the `m x r` left and `r x n` right factors, common part first."""
@@ -217,11 +239,15 @@ class _Factorized(keras.layers.Layer):
             x, basis = inputs
         else:
             x, basis = inputs, None
-        if _BASIS_APART.get() and self.rank_common and self.rank_unique:
+        if not self.rank:
+            y = self.apply_matrix(x, self.sparse_kernel)
+        elif _BASIS_APART.get() and self.rank_common and self.rank_unique:
             y = self._product_basis_apart(x, basis)
         else:
             left, right = self._factors(basis)
             y = self.combine(self.project(x, left), right)
+        if self.sparse and self.rank:
+            y = ops.add(y, self.apply_matrix(x, self.sparse_kernel))
         if self.use_bias:
             y = ops.add(y, self.bias)
         return self.activation(y)
@@ -253,9 +279,19 @@ class _Factorized(keras.layers.Layer):
             raise ValueError(
                 f"Layer '{self.name}' shares a basis: pass its value as `basis`."
             )
-        left, right = self._factors(basis)
-        matrix = np.asarray(ops.convert_to_numpy(ops.matmul(left, right)))
+        matrix = np.zeros((self.kernel_rows, self.units), np.float32)
+        if self.rank:
+            left, right = self._factors(basis)
+            matrix += np.asarray(ops.convert_to_numpy(ops.matmul(left, right)))
+        if self.sparse:
+            matrix += np.asarray(ops.convert_to_numpy(self.sparse_kernel))
         return self.kernel_from_matrix(matrix)
+
+    def nonzeros(self):
+        """Nonzero entries of the sparse part (0 without one)."""
+        if not self.sparse:
+            return 0
+        return int(np.count_nonzero(ops.convert_to_numpy(self.sparse_kernel)))
 
     def kernel_from_matrix(self, matrix):
         """The layer's kernel from its `m x n` matrix."""
@@ -284,6 +320,7 @@ class _Factorized(keras.layers.Layer):
             "relative_error": self.relative_error,
             "initialization": self.initialization,
             "basis": None if self.shared_basis is None else _shared_config(self.shared_basis),
+            "sparse": self.sparse,
         }
 
     @classmethod
@@ -316,6 +353,9 @@ class FactorizedDense(_Factorized):
         basis: optionally, the group's `SharedBasis` layer, held by this
             layer (for layers inside composite layers, where the basis cannot
             be a graph input). Several layers may hold the same one.
+        sparse: whether the layer also has a sparse unique part
+            `sparse_kernel` (`m x n`, zeros as its mask); with it, both
+            ranks may be 0 (a pruned layer).
 
     Input shape:
         `x` of shape `(..., m)`, or `[x, basis]` when `rank_common` > 0 and
@@ -593,6 +633,12 @@ class FactorizedEinsumDense(_Factorized):
     def combine(self, projected, right):
         right = ops.reshape(right, (ops.shape(right)[0],) + self._rest)
         return ops.einsum(self._second, projected, right)
+
+    def apply_matrix(self, x, matrix):
+        # The original equation on the kernel the matrix stands for.
+        kernel = ops.transpose(ops.reshape(matrix, self._contracted_dims + self._rest),
+                               self._to_kernel)
+        return ops.einsum(self.equation, x, kernel)
 
     def get_config(self):
         config = super().get_config()
