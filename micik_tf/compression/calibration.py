@@ -107,26 +107,10 @@ def collect_covariances(model, sites, data, max_batches=8, rows_per_image=ROWS_P
     """
     full_max = FULL_COVARIANCE_MAX if full_max is None else full_max
     wanted = {s.name: s for s in sites}
-    captured = {}  # inputs of layers held inside composite layers, per call
-    records, extractors = _extractors(model, wanted, captured)
+    tap = InputTap(model, sites)
     sums = {name: 0.0 for name in wanted}
     counts = {name: 0 for name in wanted}
     rng = np.random.default_rng(seed)
-
-    def run(owner, inputs):
-        outputs = extractors[owner](inputs, training=False)
-        if not isinstance(outputs, (list, tuple)):
-            outputs = [outputs]
-        for (kind, key, _), value in zip(records[owner], outputs):
-            value = keras.ops.convert_to_numpy(value)
-            if kind == "model":
-                if key in extractors:
-                    run(key, value)
-                continue
-            if kind == "site":
-                add(key, value)
-        while captured:
-            add(*captured.popitem())
 
     def add(key, value):
         rows = sampled_rows(wanted[key], value, rows_per_image, rng).astype(np.float32)
@@ -142,15 +126,10 @@ def collect_covariances(model, sites, data, max_batches=8, rows_per_image=ROWS_P
             sums[key] += rows.T @ rows
         counts[key] += len(rows)
 
-    for index, batch in enumerate(as_batches(data, max_batches, len(model.inputs[0].shape))):
-        if np.issubdtype(batch.dtype, np.floating) and not np.all(np.isfinite(batch)):
-            raise ValueError(
-                f"`calibration_data` holds NaN or infinite values (batch {index}). Pass "
-                "finite model inputs, as the model takes them (e.g. training images)."
-            )
-        for start in range(0, len(batch), CHUNK):
-            run((), batch[start:start + CHUNK])
-    del records, extractors
+    for chunk in chunks(data, max_batches, model):
+        for key, value in tap(chunk):
+            add(key, value)
+    del tap
     # The extractors' copy of the model (as large as the model) sits in
     # reference cycles: free it now, before compress() builds its factors.
     gc.collect()
@@ -166,6 +145,50 @@ def collect_covariances(model, sites, data, max_batches=8, rows_per_image=ROWS_P
     return covariances
 
 
+def chunks(data, max_batches, model):
+    """The calibration inputs, `CHUNK` images at a time (checked finite)."""
+    for index, batch in enumerate(as_batches(data, max_batches, len(model.inputs[0].shape))):
+        if np.issubdtype(batch.dtype, np.floating) and not np.all(np.isfinite(batch)):
+            raise ValueError(
+                f"`calibration_data` holds NaN or infinite values (batch {index}). Pass "
+                "finite model inputs, as the model takes them (e.g. training images)."
+            )
+        for start in range(0, len(batch), CHUNK):
+            yield batch[start:start + CHUNK]
+
+
+class InputTap:
+    """A copy of `model` that returns the inputs of `sites`: `tap(x)` is a
+    list of `(site name, numpy input)`, once per call of the site's layer.
+    `layers[name]` is the copy's layer at each site, whose weights may be
+    changed (the original is never touched)."""
+
+    def __init__(self, model, sites):
+        self.captured = {}  # inputs of layers held inside composite layers, per call
+        self.records, self.extractors, self.layers = _extractors(
+            model, {s.name: s for s in sites}, self.captured)
+
+    def __call__(self, inputs):
+        found = []
+        self._run((), inputs, found)
+        return found
+
+    def _run(self, owner, inputs, found):
+        outputs = self.extractors[owner](inputs, training=False)
+        if not isinstance(outputs, (list, tuple)):
+            outputs = [outputs]
+        for (kind, key, _), value in zip(self.records[owner], outputs):
+            value = keras.ops.convert_to_numpy(value)
+            if kind == "model":
+                if key in self.extractors:
+                    self._run(key, value, found)
+                continue
+            if kind == "site":
+                found.append((key, value))
+        while self.captured:
+            found.append(self.captured.popitem())
+
+
 def _extractors(model, wanted, captured):
     """Per (nested) model of a copy of `model`, the records of what it feeds
     and a Keras model returning the inputs of the wanted sites (and of nested
@@ -173,7 +196,7 @@ def _extractors(model, wanted, captured):
     wrapped by a `_Recorder`, which puts their input in `captured` as the
     extractor runs; the composite's output is then an output too, so that it
     runs."""
-    records, pairs, nested = {}, [], {}
+    records, pairs, nested, layers = {}, [], {}, {}
     held = {}
     for name, site in wanted.items():
         if site.held:
@@ -182,10 +205,15 @@ def _extractors(model, wanted, captured):
     def make_layer(layer, path):
         if path in held:
             names = held[path]
-            return graph.compressed_block(
-                layer, lambda at, old: _Recorder(old, names[at], captured), list(names))
+            def recorder(at, old):
+                layers[names[at]] = old
+                return _Recorder(old, names[at], captured)
+
+            return graph.compressed_block(layer, recorder, list(names))
         new = graph.clone_layer(layer)
         pairs.append((layer, new))
+        if "/".join(path) in wanted:
+            layers["/".join(path)] = new
         return new
 
     def call_layer(layer, path, args, kwargs):
@@ -208,7 +236,7 @@ def _extractors(model, wanted, captured):
         owner: keras.Model(_single_input(nested[owner]), [t for *_, t in items])
         for owner, items in records.items()
     }
-    return records, extractors
+    return records, extractors, layers
 
 
 class _Recorder(keras.layers.Layer):

@@ -1,21 +1,26 @@
 """`compress()`: a trained Keras model in, a new MICIK-compressed model out."""
 
 import contextlib
+import dataclasses
 import math
 import numbers
 import sys
 import time
 
+import numpy as np
+
 import keras
 
 from micik_tf.compression import allocation as alloc
-from micik_tf.compression import calibration, decomposition, graph, planning
+from micik_tf.compression import calibration, decomposition, graph, planning, sparse
+from micik_tf.compression.sequential import refit as sequential_refit
 from micik_tf.compression.grouping import (
     SHARE_CHOICES,
     find_sites,
     group_sites,
     resolve_names,
     site_side,
+    walk_deep,
 )
 from micik_tf.layers import (
     FACTORIZED,
@@ -26,10 +31,19 @@ from micik_tf.layers import (
     FactorizedEinsumDense,
     SharedBasis,
 )
-from micik_tf.validation import first_error, float_above, one_of, positive_int
+from micik_tf.validation import first_error, float_above, fraction, one_of, positive_int
 
 DEFAULT_RATIO = 4.0
 MODES = ("micik", "per_layer", "common_only")
+# What each layer keeps of its own beyond the shared part: a low-rank part
+# (MICIK), or a low-rank part plus a sparse one (see `sparse`).
+UNIQUE_KINDS = ("low_rank", "sparse")
+# The allocator's objective by unique kind. Low rank: the curve measured the
+# sum of errors 0.2-5.5 points ahead of the log-energy cost at every limited
+# ratio (benchmarks/results/curve.json, ablation "log-energy allocator").
+# Sparse: the log-energy cost, under which the nonzeros are spent as global
+# LAMP pruning spends them (see `sparse`).
+DEFAULT_OBJECTIVES = {"low_rank": "sum_error", "sparse": "log_energy"}
 
 # Why compress() left a compressible layer whole. Only the progress log names
 # them: `report()` reads everything from the model, and a plain Dense/Conv2D
@@ -44,6 +58,8 @@ def compress(
     ratio=None,
     *,
     mode="micik",
+    unique="low_rank",
+    sparse_share=None,
     share="auto",
     groups=None,
     exclude=None,
@@ -51,7 +67,8 @@ def compress(
     calibration_data=None,
     calibration_batches=8,
     min_rank=None,
-    objective="log_energy",
+    objective=None,
+    sequential=False,
     recalibrate_batchnorm=True,
     verbose=1,
     seed=0,
@@ -77,6 +94,16 @@ def compress(
         mode: `"micik"` (shared + unique parts), `"per_layer"` (the same
             allocator with sharing off: per-layer SVD, the baseline) or
             `"common_only"` (shared part only, an ablation).
+        unique: what each layer keeps of its own beside the shared part:
+            `"low_rank"` (MICIK's `U_l V_l`) or `"sparse"` (`U_l V_l` plus a
+            sparse residual `S_l`, its mask chosen by magnitude, whitened
+            with calibration data; one budget for ranks and nonzeros, split
+            by the allocator). Sparse parts save bytes after gzip, not
+            runtime memory or time: `report()` counts their nonzeros.
+        sparse_share: with `unique="sparse"`, the share of the layers'
+            budget spent on nonzeros, in [0, 1] (0: plain MICIK, 1: global
+            LAMP pruning); None (the default) lets the allocator choose it
+            from `sparse.SHARES` by its objective.
         share: which side of the kernel matrix a group shares: `"auto"` (the
             larger side of each layer, usually the input side), `"input"`
             or `"output"`.
@@ -85,7 +112,9 @@ def compress(
         exclude: layer names to leave uncompressed.
         ranks: instead of `ratio`, explicit `{layer name: (rank_common,
             rank_unique)}`; members of one group must agree on rank_common.
-            Layers not listed are left uncompressed.
+            Layers not listed are left uncompressed. With `unique="sparse"`,
+            `ratio` is given too and the nonzeros take what the ranks leave
+            ((0, 0) everywhere is pure pruning).
         calibration_data: optional inputs (`tf.data.Dataset` of `x` or
             `(x, y)`, or an array). Enables the data-aware initialisation
             (minimising the error on each layer's outputs) and re-estimates
@@ -94,8 +123,17 @@ def compress(
         min_rank: smallest total rank per compressed layer. Default: 8,
             capped at a sixteenth of the layer's smaller side (at least 1).
         objective: what the allocator minimises over the layers' relative
-            errors `e`: `"log_energy"` (the sum of `-log(1 - e)`, which never
-            starves a layer; the default) or `"sum_error"` (the sum of `e`).
+            errors `e`: `"sum_error"` (the sum of `e`; the default for
+            low-rank parts, measured better on the curve) or `"log_energy"`
+            (the sum of `-log(1 - e)`, which never starves a layer; the
+            default for sparse parts, where it makes the nonzeros LAMP's).
+        sequential: with `calibration_data`, fit each layer, in the graph's
+            order, to the original layer's outputs from the inputs that the
+            already-compressed layers before it produce (Zhang et al. 2015's
+            asymmetric reconstruction), so errors stop accumulating. Ranks,
+            nonzero counts and shared bases stay as planned; each layer's
+            coefficients and unique parts are refit. Costs about one pass
+            of the calibration data through both models per layer.
         recalibrate_batchnorm: re-estimate BatchNorm statistics on
             `calibration_data` (when given).
         verbose: 0 silences progress; 1 prints a line per group.
@@ -112,13 +150,34 @@ def compress(
     _check_model(model)
     model = graph.as_graph(model)
     mode = one_of("mode", mode, MODES)
-    objective = one_of("objective", objective, alloc.OBJECTIVES)
+    unique = one_of("unique", unique, UNIQUE_KINDS)
+    if sparse_share is not None:
+        if unique != "sparse":
+            raise ValueError(
+                "`sparse_share` sets the nonzeros' share of the budget, which only "
+                "unique='sparse' has. Pass unique='sparse', or drop `sparse_share`. "
+                f"Received: sparse_share={sparse_share!r}, unique={unique!r}")
+        sparse_share = fraction("sparse_share", sparse_share, high_open=False)
+    objective = one_of("objective", DEFAULT_OBJECTIVES[unique] if objective is None
+                       else objective, alloc.OBJECTIVES)
+    if not isinstance(sequential, bool):
+        raise TypeError(f"`sequential` must be True or False. Received: {sequential!r}")
+    if sequential and calibration_data is None:
+        raise ValueError(
+            "sequential=True fits each layer to the original outputs on calibration "
+            "data: pass `calibration_data` too, or drop `sequential`.")
     calibration_batches = positive_int("calibration_batches", calibration_batches)
     if min_rank is not None:
         min_rank = positive_int("min_rank", min_rank)
     share = one_of("share", share, SHARE_CHOICES)
     if ranks is None:
         ratio = _check_ratio(DEFAULT_RATIO if ratio is None else ratio)
+    elif unique == "sparse":
+        if ratio is None:
+            raise ValueError(
+                "With unique='sparse' and explicit `ranks`, give `ratio` too: the "
+                "nonzeros take the budget that the ranks leave.")
+        ratio = _check_ratio(ratio)
     elif ratio is not None:
         raise ValueError(
             "Give either `ratio` (the allocator picks the ranks) or `ranks` "
@@ -140,13 +199,24 @@ def compress(
     # Whitening metrics per group (a Cholesky factor each): computed once,
     # used by the error curves and by the final factorization.
     metrics = [planning.group_metrics(side, m, covariances) for side, m in grouped]
-    if ranks is not None:
-        plan = planning.explicit(grouped, _check_ranks(ranks, sites))
+    explicit = planning.explicit(
+        grouped, _check_ranks(ranks, sites, allow_zero=unique == "sparse")) if ranks else None
+    if unique == "sparse":
+        plan, factorization = _allocate_sparse(
+            grouped, kernels, metrics, params_before, fixed, ratio, mode, min_rank, seed, log,
+            objective, clock, sparse_share, explicit)
     else:
-        plan = _allocate(grouped, kernels, metrics, params_before, fixed, ratio, mode,
-                         min_rank, seed, log, objective, clock)
+        plan = explicit or _allocate(grouped, kernels, metrics, params_before, fixed, ratio,
+                                     mode, min_rank, seed, log, objective, clock)
+        with clock("factorizing"):
+            factorization = _factorize(grouped, plan, kernels, metrics, seed)
+    if sequential:
+        log(f"sequential calibration of {len(factorization.factors)} layers")
+        with clock("sequential"):
+            sequential_refit(model, sites, factorization.factors, kernels, calibration_data,
+                             calibration_batches, seed)
     with clock("building"):
-        new_model, reasons = _build(model, grouped, plan, kernels, metrics, untouched, seed)
+        new_model, reasons = _build(model, grouped, plan, factorization, metrics, untouched)
     if calibration_data is not None and recalibrate_batchnorm:
         with clock("batchnorm"):
             calibration.recalibrate_batchnorm(new_model, calibration_data, calibration_batches)
@@ -159,7 +229,7 @@ def compress(
     if fallbacks:
         log(f"diagonal input covariance (wider than {calibration.FULL_COVARIANCE_MAX} "
             f"inputs): {', '.join(fallbacks)}")
-    params_after = int(new_model.count_params())
+    params_after = int(new_model.count_params()) - _sparse_zeros(new_model)
     log(
         f"done in {time.perf_counter() - start:.1f}s: {params_before:,} -> "
         f"{params_after:,} parameters ({params_before / params_after:.2f}x)"
@@ -299,8 +369,9 @@ def _names(value, argument):
     return list(value)
 
 
-def _check_ranks(ranks, sites):
-    """`{site name: (r_c, r_u)}` from the user's `ranks`, validated."""
+def _check_ranks(ranks, sites, allow_zero=False):
+    """`{site name: (r_c, r_u)}` from the user's `ranks`, validated; (0, 0)
+    only where a sparse part can stand alone (`allow_zero`)."""
     if not isinstance(ranks, dict):
         raise TypeError(
             "`ranks` must be a dict {layer name: (rank_common, rank_unique)}. "
@@ -316,10 +387,10 @@ def _check_ranks(ranks, sites):
                 f"`ranks['{key}']` must be a pair (rank_common, rank_unique). "
                 f"Received: {value!r}"
             ) from None
-        if rc < 0 or ru < 0 or rc + ru == 0:
+        if rc < 0 or ru < 0 or (rc + ru == 0 and not allow_zero):
             raise ValueError(
-                f"`ranks['{key}']` needs non-negative ranks, not both 0. "
-                f"Received: {value!r}"
+                f"`ranks['{key}']` needs non-negative ranks, not both 0 (both 0 is a "
+                f"pruned layer, which needs unique='sparse'). Received: {value!r}"
             )
         out[site.name] = (rc, ru)
     return out
@@ -344,11 +415,19 @@ class _Progress:
 # --- building -----------------------------------------------------------------
 
 
-def _build(model, grouped, plan, kernels, metrics, untouched, seed):
-    """Factorizes the kernels as planned and rebuilds the model around them."""
-    wrappers, basis_layers, basis_values, values = {}, {}, {}, {}
-    inner = {}  # a composite layer's path: [(location, wrapper), ...]
-    reasons = dict(untouched)
+@dataclasses.dataclass
+class _Factorization:
+    """The factors to build: per group its basis (None where it shares
+    nothing), per site its `Factors` (sites kept dense have none)."""
+
+    bases: dict
+    factors: dict
+
+
+def _factorize(grouped, plan, kernels, metrics, seed):
+    """Factorizes the kernels as planned (a shared basis per group, then each
+    member's coefficients and unique part)."""
+    bases, factors = {}, {}
     for (side, members), name, (layer_metrics, group_metric) in zip(
         grouped, plan.group_names, metrics
     ):
@@ -359,9 +438,6 @@ def _build(model, grouped, plan, kernels, metrics, untouched, seed):
             i for i, s in enumerate(members)
             if plan.layers[s.name] != alloc.DENSE and plan.layers[s.name][0]
         ]
-        # A basis that a layer inside a composite layer uses is held by its
-        # users (no graph edge reaches there); then every member holds it.
-        held = any(s.held for s in members)
         if rc:
             full = plan.bases.get(name)
             if full is None or len(users) < len(members):
@@ -377,6 +453,94 @@ def _build(model, grouped, plan, kernels, metrics, untouched, seed):
                     [mats[i] for i in users], rc, side, metric, seed
                 )
             basis = planning.slice_basis(full, rc, side)
+        bases[name] = basis
+        for s, w, metric in zip(members, mats, layer_metrics):
+            choice = plan.layers[s.name]
+            if choice == alloc.DENSE:
+                continue
+            layer_rc, ru = choice
+            # The planner's spectrum of this residual, if it was on this basis.
+            known = plan.spectra.get((s.name, layer_rc)) if (
+                not layer_rc or full is plan.bases.get(name)) else None
+            factors[s.name] = decomposition.factorize(
+                w, ru, basis if layer_rc else None, side, metric, seed, known
+            )
+    return _Factorization(bases, factors)
+
+
+def _allocate_sparse(grouped, kernels, metrics, params_before, fixed, ratio, mode, min_rank,
+                     seed, log, objective, clock, share, explicit):
+    """The plan and factors of the sparse mode: low-rank parts on a share of
+    the budget, nonzeros on the rest, at the share (`sparse.SHARES`, or the
+    one given) whose result has the lowest objective."""
+    budget = params_before / ratio - fixed
+    metric_of = {s.name: m for (_, members), (layer_metrics, _) in zip(grouped, metrics)
+                 for s, m in zip(members, layer_metrics)}
+    zero = planning.explicit(grouped, {s.name: (0, 0) for _, members in grouped
+                                       for s in members})
+    best = None
+    for nonzero_share in ([share] if share is not None else sparse.SHARES):
+        if explicit is not None:
+            plan = explicit
+        elif nonzero_share == 1:
+            plan = zero
+        else:
+            try:
+                plan = _allocate(grouped, kernels, metrics, params_before,
+                                 fixed + nonzero_share * budget, ratio, mode, min_rank, seed,
+                                 lambda message: None, objective, clock)
+            except ValueError:
+                continue  # the minimum ranks do not fit in this share
+        with clock("factorizing"):
+            factorization = _factorize(grouped, plan, kernels, metrics, seed)
+        # Rounded as `deploy.pruning` rounds its count of pruned entries.
+        nonzeros = int(round(budget - planning.cost(grouped, plan)))
+        if nonzero_share == 0 and share == 0:
+            value, counts = None, {}  # exactly MICIK: no sparse part at all
+        else:
+            with clock("sparse"):
+                value, counts = sparse.spend(factorization.factors, kernels, metric_of,
+                                             nonzeros, objective)
+        log(f"sparse share {nonzero_share:g}: {sum(counts.values()):,} nonzeros"
+            + (f", objective {value:.4f}" if value is not None else ""))
+        if best is None or (value is not None and value < best[0]):
+            best = (value, plan, factorization, nonzero_share)
+        if explicit is not None:
+            break
+    if best is None:
+        raise ValueError(
+            f"ratio={ratio:g} cannot be reached: {fixed:,} of the model's "
+            f"{params_before:,} parameters are in untouched layers and biases. Lower "
+            "`ratio`, or compress more layers (fewer `exclude`).")
+    value, plan, factorization, chosen = best
+    log(f"sparse share chosen: {chosen:g}")
+    for name, f in factorization.factors.items():
+        f.relative_error = decomposition.relative_error(kernels[name], f)
+    return plan, factorization
+
+
+def _sparse_zeros(model):
+    """Zeros of the sparse unique parts: stored as dense tensors, but not
+    parameters (a pruned entry costs nothing once gzip'd)."""
+    return sum(
+        int(np.prod(layer.sparse_kernel.shape)) - layer.nonzeros()
+        for layer, _, _, _ in walk_deep(model)
+        if isinstance(layer, FACTORIZED) and layer.sparse)
+
+
+def _build(model, grouped, plan, factorization, metrics, untouched):
+    """Rebuilds the model around the factorized kernels."""
+    wrappers, basis_layers, basis_values, values = {}, {}, {}, {}
+    inner = {}  # a composite layer's path: [(location, wrapper), ...]
+    reasons = dict(untouched)
+    for (side, members), name, (layer_metrics, _) in zip(
+        grouped, plan.group_names, metrics
+    ):
+        basis = factorization.bases[name]
+        # A basis that a layer inside a composite layer uses is held by its
+        # users (no graph edge reaches there); then every member holds it.
+        held = any(s.held for s in members)
+        if basis is not None:
             first = members[0].layer
             layer = SharedBasis(
                 basis.shape[0], basis.shape[1], name=name, dtype=first.dtype_policy
@@ -385,23 +549,19 @@ def _build(model, grouped, plan, kernels, metrics, untouched, seed):
                 layer.build(None)
             basis_layers[name] = layer
             basis_values[name] = basis
-        for s, w, metric in zip(members, mats, layer_metrics):
+        for s, metric in zip(members, layer_metrics):
             choice = plan.layers[s.name]
             if choice == alloc.DENSE:
                 reasons[s.name] = KEPT_DENSE
                 continue
             layer_rc, ru = choice
-            # The planner's spectrum of this residual, if it was on this basis.
-            known = plan.spectra.get((s.name, layer_rc)) if (
-                not layer_rc or full is plan.bases.get(name)) else None
-            factors = decomposition.factorize(
-                w, ru, basis if layer_rc else None, side, metric, seed, known
-            )
+            factors = factorization.factors[s.name]
             wrapper = _make_wrapper(
                 s, layer_rc, ru, side, name if layer_rc else None,
                 factors.relative_error,
                 _initialization(metric),
                 basis_layers[name] if held and layer_rc else None,
+                sparse=factors.sparse is not None,
             )
             if s.held:
                 inner.setdefault(s.block, []).append((s.location, wrapper))
@@ -440,6 +600,8 @@ def _build(model, grouped, plan, kernels, metrics, untouched, seed):
         if factors.unique_left is not None:
             wrapper.unique_left.assign(factors.unique_left)
             wrapper.unique_right.assign(factors.unique_right)
+        if factors.sparse is not None:
+            wrapper.sparse_kernel.assign(factors.sparse)
         if wrapper.use_bias:
             wrapper.bias.assign(original.bias)
     return new_model, reasons
@@ -478,10 +640,11 @@ def _initialization(metric):
 
 
 def _make_wrapper(site, rank_common, rank_unique, side, group, error, initialization,
-                  basis=None):
+                  basis=None, sparse=False):
     layer = site.layer
     common = dict(
         basis=basis,
+        sparse=sparse,
         initialization=initialization,
         rank_common=rank_common,
         rank_unique=rank_unique,

@@ -342,6 +342,8 @@ class Factors:
     side: str
     shape: tuple
     relative_error: float = float("nan")
+    # The sparse unique part (`m x n`, zeros where it is pruned), or None.
+    sparse: np.ndarray | None = None
 
     def rows(self, start, stop):
         """Rows `start:stop` of `W_hat`, in float32."""
@@ -353,6 +355,8 @@ class Factors:
                 block += self.coefficients[start:stop] @ self.basis
         if self.unique_left is not None:
             block += self.unique_left[start:stop] @ self.unique_right
+        if self.sparse is not None:
+            block += self.sparse[start:stop]
         return block
 
     @property
@@ -393,6 +397,83 @@ def factorize(matrix, rank_unique, basis=None, side="input", metric=None, seed=0
         factors.unique_left, factors.unique_right = left, right
     factors.relative_error = relative_error(matrix, factors)
     return factors
+
+
+def sparse_scores(residual, metric=None):
+    """What keeping each entry of a residual `R` alone gains in the metric,
+    flat, float64: `||P R||^2 - min_s ||P (R - s e_ij)||^2 = (C R)_ij^2 / C_ii`
+    with `C = P^T P` (the optimal brain surgeon's single-weight step).
+
+    Without a metric that is `R_ij^2` (magnitude pruning); with a diagonal one
+    `C_ii R_ij^2`, input `i`'s variance times the squared entry (Wanda's
+    score, Sun et al. 2023). With a full one the cross terms count: an entry
+    of a residual that the metric cannot see gains nothing.
+    """
+    r = np.asarray(residual, dtype=np.float64)
+    if metric is None:
+        return np.square(r).ravel()
+    if metric.diagonal:
+        return np.square(metric.factor.astype(np.float64)[:, None] * r).ravel()
+    p = metric.factor.astype(np.float64)
+    gradient = p.T @ (p @ r)  # C R
+    return (np.square(gradient) / np.sum(np.square(p), axis=0)[:, None]).ravel()
+
+
+def sparse_part(residual, nonzeros, metric=None):
+    """A sparse `S` (`m x n`, float32) with `nonzeros` entries fitting the
+    residual: its support the entries of largest `sparse_scores`, its values
+    the residual's own (no metric, or a diagonal one: then optimal) or, for a
+    full metric, per column the least-squares fit `argmin ||P (r - s)||`
+    on that support, which never does worse than `S = 0`."""
+    residual = np.asarray(residual, dtype=np.float32)
+    kept = np.zeros(residual.size, np.float32)
+    nonzeros = int(min(max(nonzeros, 0), residual.size))
+    if not nonzeros:
+        return kept.reshape(residual.shape)
+    scores = sparse_scores(residual, metric)
+    # The lowest scores go first, earlier positions first among equals (as
+    # `deploy.pruning` breaks ties).
+    order = np.argsort(scores, kind="stable")[residual.size - nonzeros:]
+    if metric is None or metric.diagonal:
+        kept[order] = residual.ravel()[order]
+        return kept.reshape(residual.shape)
+    mask = np.zeros(residual.size, bool)
+    mask[order] = True
+    mask = mask.reshape(residual.shape)
+    p = metric.factor.astype(np.float64)
+    c = p.T @ p
+    target = c @ residual.astype(np.float64)  # C r, per column
+    out = np.zeros(residual.shape, np.float32)
+    for j in np.flatnonzero(mask.any(axis=0)):
+        rows = np.flatnonzero(mask[:, j])
+        out[rows, j] = np.linalg.solve(c[np.ix_(rows, rows)], target[rows, j])
+    return out
+
+
+def energy(matrix, metric=None):
+    """`||P M||^2` (float64)."""
+    whitened = _apply(metric, np.asarray(matrix, dtype=np.float32))
+    return float(np.sum(np.square(whitened, dtype=np.float64)))
+
+
+def output_error(matrix, factors, metric=None):
+    """`||P (W - W_hat)||^2 / ||P W||^2`: the relative squared (output) error
+    of `factors` (weight error without a metric)."""
+    matrix = np.asarray(matrix, dtype=np.float32)
+    squared = total = 0.0
+    for start in range(0, matrix.shape[0], _BLOCK) if metric is None or metric.diagonal else [0]:
+        stop = start + _BLOCK if metric is None or metric.diagonal else matrix.shape[0]
+        rows = matrix[start:stop]
+        difference = rows - factors.rows(start, stop)
+        if metric is not None:
+            if metric.diagonal:
+                scale = metric.factor[start:stop, None]
+                rows, difference = rows * scale, difference * scale
+            else:
+                rows, difference = metric.apply(rows), metric.apply(difference)
+        squared += float(np.sum(np.square(difference), dtype=np.float64))
+        total += float(np.sum(np.square(rows), dtype=np.float64))
+    return squared / max(total, 1e-30)
 
 
 class ResidualGrams:

@@ -107,6 +107,18 @@ class Site:
             return np.transpose(kernel, order).reshape(self.m, self.n)
         return kernel
 
+    def kernel_from_matrix(self, matrix):
+        """The inverse of `kernel()` then `kernel_matrix`: the layer's kernel
+        (in its own axis order) from an `m x n` matrix."""
+        shape = tuple(self.layer.kernel.shape)
+        if self.kind != "einsum":
+            return np.asarray(matrix).reshape(shape)
+        _, letters, _, contracted = einsum_spec(self.layer.equation)
+        order = [letters.index(c) for c in contracted]
+        order += [i for i in range(len(letters)) if i not in order]
+        return np.transpose(np.asarray(matrix).reshape([shape[i] for i in order]),
+                            np.argsort(order))
+
     def bias_params(self):
         bias = getattr(self.layer, "bias", None)
         return 0 if bias is None else int(np.prod(bias.shape))

@@ -365,6 +365,26 @@ def _grow(groups, budget, candidates, bases=None, rounds=6):
     return result
 
 
+def cost(grouped, plan):
+    """Parameters of a plan's factorized layers: the bases its members use,
+    coefficients, unique factors and kernels kept dense (biases excluded)."""
+    total = 0
+    for (side, members), name in zip(grouped, plan.group_names):
+        used = False
+        for s in members:
+            choice = plan.layers[s.name]
+            if choice == alloc.DENSE:
+                total += s.m * s.n
+                continue
+            rc, ru = choice
+            used = used or rc > 0
+            total += rc * (s.n if side == "input" else s.m) + ru * (s.m + s.n)
+        if used:
+            s = members[0]
+            total += plan.rank_common[name] * (s.m if side == "input" else s.n)
+    return total
+
+
 def explicit(grouped, by_name):
     """A `Plan` from user-given `{site name: (r_c, r_u)}`."""
     layers, rank_common, names = {}, {}, []

@@ -56,13 +56,15 @@ class Report:
             f"MICIK compression: {self.params_before:,} -> {self.params_after:,} "
             f"parameters ({self.ratio:.2f}x)",
             "",
-            f"{'layer':<32} {'group':<28} {'r_c':>5} {'r_u':>5} {'params':>10} {'rel.err':>8}",
+            f"{'layer':<32} {'group':<28} {'r_c':>5} {'r_u':>5} {'nonzeros':>9} "
+            f"{'params':>10} {'rel.err':>8}",
         ]
         for layer in self.layers:
             error = layer["relative_error"]
+            nonzeros = f"{layer['nonzeros']:,}" if layer["sparse"] else "-"
             lines.append(
                 f"{layer['name'][:32]:<32} {(layer['group'] or '-')[:28]:<28} "
-                f"{layer['rank_common']:>5} {layer['rank_unique']:>5} "
+                f"{layer['rank_common']:>5} {layer['rank_unique']:>5} {nonzeros:>9} "
                 f"{layer['params']:>10,} "
                 + (f"{error:>8.4f}" if error is not None else f"{'?':>8}")
             )
@@ -92,8 +94,9 @@ def report(model, reference=None):
     while the output error is small; that is expected.
 
     Everything is computed from `model`: the parameter counts from its
-    variables (each distinct variable once), the original size from the
-    wrappers' kernel shapes, the groups from the `SharedBasis` layers.
+    variables (each distinct variable once; a sparse unique part counts its
+    nonzeros, as gzip stores it), the original size from the wrappers'
+    kernel shapes, the groups from the `SharedBasis` layers.
 
     Args:
         model: a model returned by `micik_tf.compress()` (or loaded from
@@ -124,7 +127,7 @@ def report(model, reference=None):
     # Each group by its basis layer: a graph node, or held by its members.
     bases = {id(b): ("/".join(owner + (b.name,)), b) for (owner, _), b in graph_bases.items()}
     members, ranks = {key: [] for key in bases}, {}  # a group's r_c, as its members use it
-    layers, before, after_factored = [], 0, 0
+    layers, before, after_factored, zeros = [], 0, 0, 0
     for layer, path, owner in wrappers:
         name = "/".join(path)
         basis = None
@@ -137,7 +140,11 @@ def report(model, reference=None):
             members[key].append(name)
             ranks[key] = layer.rank_common
             basis = np.asarray(keras.ops.convert_to_numpy(held.basis))
-        params = layer.count_own_params()
+        nonzeros = layer.nonzeros()
+        # The zeros of a sparse part are its mask, not parameters.
+        layer_zeros = int(np.prod(layer.sparse_kernel.shape)) - nonzeros if layer.sparse else 0
+        zeros += layer_zeros
+        params = layer.count_own_params() - layer_zeros
         dense = int(np.prod(layer.kernel_shape())) + (
             int(np.prod(layer.bias_shape())) if layer.use_bias else 0)
         before += dense
@@ -156,6 +163,8 @@ def report(model, reference=None):
                 "group": layer.group if layer.rank_common else None,
                 "rank_common": layer.rank_common,
                 "rank_unique": layer.rank_unique,
+                "sparse": layer.sparse,
+                "nonzeros": nonzeros,
                 "shared_side": layer.shared_side,
                 "kernel_shape": [int(d) for d in layer.kernel_shape()],
                 "params": params,
@@ -176,7 +185,7 @@ def report(model, reference=None):
                 "params": params,
             }
         )
-    params_after = int(model.count_params())
+    params_after = int(model.count_params()) - zeros
     params_before = params_after - after_factored + before
     return Report(params_before, params_after, groups, layers, untouched)
 

@@ -58,6 +58,9 @@ def forward_macs(model):
         if isinstance(layer, FACTORIZED):
             rank = layer.rank_common + layer.rank_unique
             per_position = layer.kernel_rows * rank + rank * layer.units
+            if layer.sparse:
+                # Stored dense with zeros: a dense runtime multiplies them all.
+                per_position += layer.kernel_rows * layer.units
             columns, rows = layer.units, layer.kernel_rows
         elif isinstance(layer, (keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.Dense,
                                    keras.layers.EinsumDense)):

@@ -39,7 +39,9 @@ from micik_tf.layers import FACTORIZED, SharedBasis
 from micik_tf.recovery.strategies import in_replica_context
 from micik_tf.validation import fraction, int_at_least, one_of, positive_float
 
-FACTOR_NAMES = ("coefficients", "unique_left", "unique_right")
+FACTOR_NAMES = ("coefficients", "unique_left", "unique_right", "sparse_kernel")
+# The sparse unique parts (`compress(unique="sparse")`), whose zeros are their masks.
+SPARSE_NAMES = ("sparse_kernel",)
 
 
 class _Schedule:
@@ -128,6 +130,20 @@ class PolynomialDecay(_Schedule):
             self.initial_sparsity - self.final_sparsity) * (1.0 - p) ** self.power
 
 
+class KeepMasks:
+    """A schedule that never prunes: the masks stay as they were set (by
+    `masks_from_weights()`), and `step()`/`apply()` only keep their zeros."""
+
+    final_sparsity = 0.0
+    end_step = 0
+
+    def __call__(self, step):
+        return False, 0.0
+
+    def tensors(self, step):
+        return tf.constant(False), tf.constant(0.0, tf.float64)
+
+
 class ConstantSparsity(_Schedule):
     """One sparsity, re-applied every `frequency` steps (tfmot's).
 
@@ -165,7 +181,7 @@ def gradual_schedule(target, total_steps):
                            end_step=frequency * max(1, end // frequency), frequency=frequency)
 
 
-def prunable_variables(model, include_dense_kernels=False):
+def prunable_variables(model, include_dense_kernels=False, factors=FACTOR_NAMES):
     """The variables magnitude pruning acts on, as `(name, variable)` pairs.
 
     These are the factors of every `SharedBasis` (its `basis`) and of every
@@ -178,6 +194,9 @@ def prunable_variables(model, include_dense_kernels=False):
         model: a built Keras model, typically one `micik_tf.compress()` made.
         include_dense_kernels: also list the `kernel` of plain `Dense` and
             `Conv2D` layers (those `compress()` left untouched).
+        factors: which of the wrappers' factor variables (`FACTOR_NAMES`)
+            to list; a SharedBasis's basis only when "coefficients" is
+            among them.
     """
     found, seen_vars = [], set()
 
@@ -190,12 +209,14 @@ def prunable_variables(model, include_dense_kernels=False):
     for layer, _, _, _ in walk_deep(model):
         if not layer.built:
             continue
+        with_bases = "coefficients" in factors
         if isinstance(layer, SharedBasis):
-            add(layer.basis)
+            if with_bases:
+                add(layer.basis)
         elif isinstance(layer, FACTORIZED):
-            if layer.holds_basis:
+            if layer.holds_basis and with_bases:
                 add(layer.shared_basis.basis)
-            for name in FACTOR_NAMES:
+            for name in factors:
                 add(getattr(layer, name, None))
         elif include_dense_kernels and isinstance(
             layer, (keras.layers.Dense, keras.layers.EinsumDense, keras.layers.Conv1D,
@@ -251,11 +272,13 @@ class MagnitudePruner:
             inside a compiled step), or any callable
             `step -> (should_prune, sparsity)` (for `update()` only).
         include_dense_kernels: also prune kernels of plain Dense/Conv2D.
+        factors: which factor variables to prune (see `prunable_variables`).
         scope: `"layer"` (every variable to the same sparsity) or `"lamp"`
             (one global threshold on LAMP scores).
     """
 
-    def __init__(self, model, schedule, include_dense_kernels=False, scope="layer"):
+    def __init__(self, model, schedule, include_dense_kernels=False, scope="layer",
+                 factors=FACTOR_NAMES):
         if not callable(schedule):
             raise ValueError(
                 "Received an invalid value for `schedule`, expected a callable "
@@ -263,7 +286,7 @@ class MagnitudePruner:
             )
         self.schedule = schedule
         self.scope = one_of("scope", scope, SCOPES)
-        self.variables = prunable_variables(model, include_dense_kernels)
+        self.variables = prunable_variables(model, include_dense_kernels, factors)
         if not self.variables:
             raise ValueError(
                 f"Model '{model.name}' has no prunable variables: it holds no "
@@ -274,6 +297,18 @@ class MagnitudePruner:
         self._masks = [tf.Variable(tf.ones(v.shape, v.dtype), trainable=False,
                                    name=f"mask_{i}") for i, (_, v) in enumerate(self.variables)]
         self._pruned = tf.Variable(False, trainable=False, name="pruned")
+
+    @classmethod
+    def fixed_masks(cls, model):
+        """A pruner that keeps the zeros of `model`'s sparse unique parts
+        (`compress(unique="sparse")`) through training: the masks are the
+        zeros as they are now, and are never recomputed. None if the model
+        has no sparse part. Create it under the model's `strategy.scope()`."""
+        if not prunable_variables(model, factors=SPARSE_NAMES):
+            return None
+        pruner = cls(model, KeepMasks(), factors=SPARSE_NAMES)
+        pruner.masks_from_weights()
+        return pruner
 
     @property
     def masks(self):
@@ -378,6 +413,27 @@ class MagnitudePruner:
                 "MagnitudePruner runs in the cross-replica context: call "
                 "update()/apply() after `strategy.run(...)`, not inside it."
             )
+
+
+class KeepSparseMasks(keras.callbacks.Callback):
+    """Keeps the zeros of a model's sparse unique parts through `fit`: a
+    `MagnitudePruner.fixed_masks` of `model` (default: the model being fit),
+    applied after every training batch (in the cross-replica context, where
+    `fit` runs callbacks). `micik_tf.Distiller.fit` adds one by itself."""
+
+    def __init__(self, model=None):
+        super().__init__()
+        self.target = model
+        self.pruner = None
+
+    def on_train_begin(self, logs=None):
+        target = self.target if self.target is not None else self.model
+        with self.model.distribute_strategy.scope():
+            self.pruner = MagnitudePruner.fixed_masks(target)
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self.pruner is not None:
+            self.pruner.apply()
 
 
 def _keep_largest(scores, sparsity):

@@ -102,6 +102,16 @@ class Distiller(keras.distillation.Distiller):
     def trainable_variables(self):
         return self.student.trainable_variables
 
+    def fit(self, *args, callbacks=None, **kwargs):
+        """Keras' `fit`; a student with sparse unique parts
+        (`compress(unique="sparse")`) keeps their masks (zeros) throughout."""
+        from micik_tf.deploy.pruning import KeepSparseMasks
+
+        callbacks = list(callbacks or [])
+        if not any(isinstance(c, KeepSparseMasks) for c in callbacks):
+            callbacks.append(KeepSparseMasks(self.student))
+        return super().fit(*args, callbacks=callbacks, **kwargs)
+
     def compile(self, optimizer="adam", loss=None, metrics=None, **kwargs):
         """Keras' `compile`, with cross-entropy on logits as the default loss."""
         if loss is None:

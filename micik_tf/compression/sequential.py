@@ -1,0 +1,105 @@
+"""Sequential calibration: each layer fit to the original layer's outputs from
+the inputs that the already-compressed layers before it produce.
+
+Fit one layer at a time, in the graph's order, and a layer's input `X_hat`
+is no longer the original `X`: the layers before it are compressed. Fitting
+`W_hat` to `X W` from `X_hat` (Zhang et al. 2015's "asymmetric"
+reconstruction; the order GPTQ, SparseGPT and SVD-LLM calibrate in) lets
+each layer correct the errors that reach it instead of adding its own:
+
+    ||X_hat W_hat - X W||^2 = ||X_hat (W_hat - W*)||^2 + const,
+    W* = W + C_hat^-1 (C_x - C_hat) W,   C_hat = X_hat^T X_hat / N,
+                                          C_x = X_hat^T X / N,
+
+so the rank-constrained fit is the ordinary one (`decomposition.factorize`,
+`sparse_part`) of the target `W*` in the metric of `C_hat` (damped as every
+metric is). Written as a correction of `W`, `W* = W` exactly where nothing
+before the layer changed.
+
+Both covariances are streamed over the calibration batches as
+`calibration.collect_covariances` streams its own, from the same sampled
+rows of `X` and `X_hat` (the same positions, drawn from one seed per chunk),
+in bounded memory. The ranks, the nonzero counts and the shared bases stay
+as the allocator planned them; each layer's coefficients, unique factors and
+sparse values are refit. Layers wider than `calibration.FULL_COVARIANCE_MAX`
+inputs keep their first fit.
+"""
+
+import gc
+
+import numpy as np
+
+from micik_tf.compression import calibration, decomposition
+
+
+def refit(model, sites, factors, kernels, data, max_batches, seed=0,
+          rows_per_image=calibration.ROWS_PER_IMAGE):
+    """Refits `factors` (`{site name: Factors}`, replaced in the dict) site
+    by site, in the order of `sites` (the graph's).
+
+    Two copies of `model` run the calibration data: the original, and one
+    whose site kernels become their compressed approximations as the pass
+    goes on (layers kept dense keep their kernel). Layers inside composite
+    layers are reached as `calibration.InputTap` reaches them.
+    """
+    original = calibration.InputTap(model, sites)
+    working = calibration.InputTap(model, sites)
+    for site in sites:
+        current = factors.get(site.name)
+        if current is None:
+            continue  # kept dense
+        if site.m <= calibration.FULL_COVARIANCE_MAX:
+            c_hat, cross = _statistics(model, site, original, working, data, max_batches,
+                                       seed, rows_per_image)
+            current = factors[site.name] = refit_layer(kernels[site.name], current, c_hat,
+                                                       cross, seed)
+        working.layers[site.name].kernel.assign(
+            site.kernel_from_matrix(current.approximation))
+    del original, working
+    gc.collect()  # the copies sit in reference cycles
+
+
+def _statistics(model, site, original, working, data, max_batches, seed, rows_per_image):
+    """`(C_hat, C_x)` of one site over the calibration data."""
+    c_hat = cross = None
+    count = 0
+    for index, chunk in enumerate(calibration.chunks(data, max_batches, model)):
+        xs = [v for k, v in original(chunk) if k == site.name]
+        hats = [v for k, v in working(chunk) if k == site.name]
+        for call, (x, x_hat) in enumerate(zip(xs, hats)):
+            # The same positions in both: one generator state per chunk and call.
+            state = [seed, index, call]
+            rows = calibration.sampled_rows(site, x, rows_per_image,
+                                            np.random.default_rng(state)).astype(np.float32)
+            rows_hat = calibration.sampled_rows(site, x_hat, rows_per_image,
+                                                np.random.default_rng(state)).astype(np.float32)
+            if c_hat is None:
+                c_hat, cross = rows_hat.T @ rows_hat, rows_hat.T @ rows
+            else:
+                c_hat += rows_hat.T @ rows_hat
+                cross += rows_hat.T @ rows
+            count += len(rows)
+    return c_hat / count, cross / count
+
+
+def refit_layer(matrix, factors, c_hat, cross, seed=0):
+    """The factors of one layer refit to the target `W*` in the metric of
+    `C_hat`, with the same basis, unique rank and nonzero count."""
+    import scipy.linalg
+
+    matrix = np.asarray(matrix, dtype=np.float32)
+    metric = decomposition.InputMetric.from_covariance(c_hat, keep=False)
+    # (C_hat + damping) = P^T P, the metric's own factor.
+    correction = scipy.linalg.cho_solve(
+        (metric.factor.astype(np.float64), False),
+        (cross.astype(np.float64) - c_hat.astype(np.float64)) @ matrix.astype(np.float64),
+        check_finite=False)
+    target = (matrix + correction).astype(np.float32)
+    rank_unique = 0 if factors.unique_left is None else factors.unique_left.shape[1]
+    refit = decomposition.factorize(target, rank_unique, factors.basis, factors.side, metric,
+                                    seed)
+    if factors.sparse is not None:
+        refit.sparse = decomposition.sparse_part(
+            target - refit.approximation, np.count_nonzero(factors.sparse), metric)
+    refit.relative_error = decomposition.relative_error(matrix, refit)
+    return refit
