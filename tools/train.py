@@ -23,6 +23,7 @@ def define_flags():
     """All flags of this binary, defined once (TF official models style), each
     with the validator of `micik_tf.job.config.RULES`."""
     from micik_tf.compression.allocation import OBJECTIVES
+    from micik_tf.compression.compress import UNIQUE_KINDS
     from micik_tf.compression.grouping import SHARE_CHOICES
     from micik_tf.job.config import CHANGEABLE, MODES, QUANTIZE_FORMATS, RunConfig
     from micik_tf.recovery.pipeline import CACHE_CHOICES
@@ -65,9 +66,20 @@ def define_flags():
     flags.DEFINE_integer("min_rank", d.min_rank, "Smallest total rank per compressed layer "
                          "(default: compress()'s, 8 capped at a sixteenth of the smaller "
                          "side). Lower it to reach ratios above 20x on small models.")
-    flags.DEFINE_enum("objective", d.objective, OBJECTIVES, "What the rank "
-                      "allocator minimises over the layers' relative errors e: the sum of "
-                      "-log(1 - e) (never starves a layer) or the sum of e.")
+    flags.DEFINE_enum("unique", d.unique, UNIQUE_KINDS, "What each compressed layer keeps "
+                      "of its own: a low-rank part, or a low-rank part plus a sparse "
+                      "residual (one budget for ranks and nonzeros; the masks stay fixed "
+                      "through recovery).")
+    flags.DEFINE_float("sparse_share", d.sparse_share, "With --unique=sparse, the share of "
+                       "the budget spent on nonzeros, in [0, 1] (unset: the allocator "
+                       "chooses; 0: plain MICIK; 1: LAMP pruning).")
+    flags.DEFINE_enum("objective", d.objective, ("auto",) + tuple(OBJECTIVES), "What the rank "
+                      "allocator minimises over the layers' relative errors e: the sum of e, "
+                      "or of -log(1 - e) (never starves a layer); auto: compress()'s "
+                      "default for --unique (sum_error for low_rank, log_energy for sparse).")
+    flags.DEFINE_bool("sequential", d.sequential, "Fit each layer, in the graph's order, to "
+                      "the original outputs from the inputs the compressed layers before it "
+                      "produce (needs --calibration_batches > 0).")
     flags.DEFINE_integer("calibration_batches", d.calibration_batches, "Batches for the "
                          "data-aware initialisation and BatchNorm re-estimation (0: off).")
     flags.DEFINE_float("prune_sparsity", d.prune_sparsity, "Magnitude-prune the MICIK factors "

@@ -15,6 +15,7 @@ import os
 
 from micik_tf import models
 from micik_tf.compression import MODES as COMPRESSION_MODES
+from micik_tf.compression.compress import UNIQUE_KINDS
 from micik_tf.compression.allocation import OBJECTIVES
 from micik_tf.compression.grouping import SHARE_CHOICES
 from micik_tf.deploy import FORMATS
@@ -65,7 +66,11 @@ RULES = {
     "mode": (lambda v: v in MODES, f"one of {', '.join(MODES)}"),
     "share": (lambda v: v in SHARE_CHOICES, f"one of {', '.join(SHARE_CHOICES)}"),
     "min_rank": (_optional(lambda v: v >= 1), "an integer >= 1"),
-    "objective": (lambda v: v in OBJECTIVES, f"one of {', '.join(OBJECTIVES)}"),
+    "objective": (lambda v: v in ("auto",) + OBJECTIVES,
+                  f"one of auto, {', '.join(OBJECTIVES)}"),
+    "unique": (lambda v: v in UNIQUE_KINDS, f"one of {', '.join(UNIQUE_KINDS)}"),
+    "sparse_share": (_optional(lambda v: 0 <= v <= 1),
+                     "a share of the budget in [0, 1] (unset: the allocator chooses)"),
     "calibration_batches": (lambda v: v >= 0, "an integer >= 0 (0: off)"),
     "prune_sparsity": (lambda v: 0 <= v < 1, "a sparsity in [0, 1) (0: off)"),
     "quantize": (lambda v: v in QUANTIZE_FORMATS, f"one of {', '.join(QUANTIZE_FORMATS)}"),
@@ -110,6 +115,19 @@ CROSS_RULES = (
      lambda s: not (s["mode"] == PRUNING_MODE and s["prune_sparsity"]),
      f"--mode={PRUNING_MODE} sets its own sparsity from --ratio; leave "
      "--prune_sparsity at 0"),
+    (("mode", "unique"),
+     lambda s: not (s["mode"] == PRUNING_MODE and s["unique"] != "low_rank"),
+     f"--mode={PRUNING_MODE} factorizes nothing; drop --unique"),
+    (("unique", "prune_sparsity"),
+     lambda s: not (s["unique"] == "sparse" and s["prune_sparsity"]),
+     "--unique=sparse keeps its sparse parts' masks fixed through recovery; "
+     "leave --prune_sparsity at 0"),
+    (("unique", "sparse_share"),
+     lambda s: s["sparse_share"] is None or s["unique"] == "sparse",
+     "--sparse_share needs --unique=sparse"),
+    (("sequential", "calibration_batches"),
+     lambda s: not (s["sequential"] and not s["calibration_batches"]),
+     "--sequential fits each layer on calibration data; set --calibration_batches > 0"),
 )
 
 
@@ -150,7 +168,10 @@ class RunConfig(RecoveryConfig):
     mode: str = "micik"
     share: str = "auto"
     min_rank: int | None = None
-    objective: str = "log_energy"
+    unique: str = "low_rank"
+    sparse_share: float | None = None
+    objective: str = "auto"
+    sequential: bool = False
     calibration_batches: int = 8
     prune_sparsity: float = 0.0
     quantize: str = "none"

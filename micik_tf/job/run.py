@@ -116,6 +116,7 @@ def _trainer(config, teacher, student, data, strategy):
 def _pruner(config, student, total_steps):
     """Gradual magnitude pruning during recovery, or None.
 
+    Without either, a student with sparse unique parts keeps their masks.
     `--prune_sparsity` prunes the MICIK factors, each to that sparsity (as
     tfmot does). The `magnitude_pruning` baseline prunes the teacher copy's
     kernels with one global threshold on LAMP scores (layer-normalized
@@ -124,7 +125,9 @@ def _pruner(config, student, total_steps):
     from micik_tf.deploy import pruning
 
     if config.mode != PRUNING_MODE and not config.prune_sparsity:
-        return None
+        # A sparse student's zeros are its masks (compress(unique="sparse")):
+        # kept through recovery. None for any other student.
+        return pruning.MagnitudePruner.fixed_masks(student)
     if config.mode != PRUNING_MODE:
         return pruning.MagnitudePruner(
             student, pruning.gradual_schedule(config.prune_sparsity, total_steps))

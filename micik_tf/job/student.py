@@ -38,7 +38,10 @@ def _compressed(config, teacher, data):
     try:
         return compress(
             teacher, ratio=config.ratio, mode=config.mode, share=config.share,
-            min_rank=config.min_rank, objective=config.objective,
+            unique=config.unique, sparse_share=config.sparse_share,
+            min_rank=config.min_rank,
+            objective=None if config.objective == "auto" else config.objective,
+            sequential=config.sequential,
             calibration_data=data.calibration if calibrate else None,
             calibration_batches=max(config.calibration_batches, 1),
             verbose=config.verbose,
