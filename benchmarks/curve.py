@@ -11,23 +11,31 @@ Protocol (`PROTOCOL`):
   the rest of the training split to a plateau (a cosine decay to 0), cached.
   Seeds vary only what happens after compression.
 - **Regimes.** *limited*: a fixed 10% of the training split (6,000 images),
-  every method and ablation, 3 seeds, ratios 8, 16, 32, 64; *full*: the whole
-  training split, the main methods at 16x and 64x, 1 seed.
+  3 recovery epochs (279 steps), every method and ablation, 3 seeds, ratios
+  8, 16, 32, 64; *limited_long*: the same data for 15 epochs (about 1,400
+  steps), long enough to tell whether a method that starts behind recovers,
+  the main methods, 3 seeds; *full*: the whole training split, 1 epoch, the
+  main methods at 16x and 64x, 1 seed.
 - **Methods** (`METHODS`), at the same stored-parameter budget (within 2%),
   with the same recovery steps, data order and best-epoch rule (the best
   validation epoch, once pruning has reached its final sparsity):
-  MICIK; per-layer SVD with the same losses; magnitude pruning of the teacher
-  (one global threshold on LAMP scores, BatchNorm re-estimated); tfmot's own
+  MICIK (low-rank unique parts) and MICIK with sparse unique parts; per-layer
+  SVD with the same losses (all three with sequential calibration, an
+  initialisation each can use); magnitude pruning of the teacher (one global
+  threshold on LAMP scores, BatchNorm re-estimated); tfmot's own
   `prune_low_magnitude` as its users run it (`tfmot_baseline.py`, a tf_keras
   twin in a subprocess); the same architecture thinned to the same size and
   trained from scratch with the same distillation, for the recovery budget
   and for the teacher's; and int8 post-training quantization of the teacher,
   a point on the bytes axis.
 - **Learning rate.** Tuned per method, once, from `LR_GRID` on the
-  validation split (limited regime, 32x, seed 0), and reused everywhere.
-- **Ablations of MICIK**: no `L_sim`, no `L_kd`, no `L_inh`, no unique part,
-  no common part (= per-layer SVD, the same run), and the previous allocator
-  (`objective="sum_error"`).
+  validation split (limited regime, 32x, seed 0), and reused everywhere,
+  both budgets included.
+- **Ablations** (`ABLATIONS`): sequential calibration (in both modes), the
+  sparse unique part (MICIK sparse against MICIK), the allocator's objective
+  (the log-energy cost instead of the sum of errors), the unique part and the
+  common part (= per-layer SVD, the same run). The loss terms' ablations were
+  measured at d7690df (worth nothing beyond noise) and are not rerun.
 
 Every row records parameters and the gzip'd int8 `.tflite` bytes. State is
 saved after every run under `<output>/.curve_work/` (the teacher, the tuned
@@ -53,30 +61,47 @@ from benchmarks.common import figure, git_commit
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Method -> the job settings that make it (None: a method run another way).
+# Every factorized method gets the sequential refit (an initialisation any
+# of them can use); the ablations take one part away at a time.
 METHODS = {
-    "micik": dict(mode="micik"),
-    "per_layer": dict(mode="per_layer"),
+    "micik": dict(mode="micik", sequential=True),
+    "micik_sparse": dict(mode="micik", unique="sparse", sequential=True),
+    "per_layer": dict(mode="per_layer", sequential=True),
     "pruning": dict(mode="magnitude_pruning"),
     "tfmot": None,
     "thin": dict(thin=True),
     "thin_teacher_budget": dict(thin=True, teacher_budget=True),
-    "micik_no_sim": dict(mode="micik", beta=0.0),
-    "micik_no_kd": dict(mode="micik", alpha=0.0),
-    "micik_no_inh": dict(mode="micik", gamma=0.0),
-    "micik_no_unique": dict(mode="common_only"),
-    "micik_sum_error": dict(mode="micik", objective="sum_error"),
+    "micik_no_sequential": dict(mode="micik"),
+    "micik_sparse_no_sequential": dict(mode="micik", unique="sparse"),
+    "micik_log_energy": dict(mode="micik", objective="log_energy", sequential=True),
+    "micik_no_unique": dict(mode="common_only", sequential=True),
 }
 # Methods whose configuration is another's: their rows are that run's.
 ALIASES = {"micik_no_common": "per_layer"}
 BASELINES = ("per_layer", "pruning", "tfmot", "thin")
-ABLATIONS = {"micik_no_sim": "L_sim", "micik_no_kd": "L_kd", "micik_no_inh": "L_inh",
-             "micik_no_unique": "unique part", "micik_no_common": "common part",
-             "micik_sum_error": "log-energy allocator"}
-CORE = ("micik", "per_layer", "pruning", "tfmot", "thin", "thin_teacher_budget")
-FULL_METHODS = ("micik", "per_layer", "pruning", "thin", "thin_teacher_budget")
+# MICIK's modes, each compared with the best baseline.
+MICIK_MODES = ("micik", "micik_sparse")
+# (method, its ablation, the part the ablation takes away): the part's worth
+# is the method's accuracy minus the ablation's.
+ABLATIONS = (
+    ("micik", "micik_no_sequential", "sequential calibration"),
+    ("micik_sparse", "micik_sparse_no_sequential", "sequential calibration (sparse)"),
+    ("micik_sparse", "micik", "sparse unique part"),
+    ("micik", "micik_log_energy", "sum-of-errors allocator (vs log-energy)"),
+    ("micik", "micik_no_unique", "unique part"),
+    ("micik", "micik_no_common", "common part"),
+)
+ABLATION_METHODS = ("micik_no_sequential", "micik_sparse_no_sequential", "micik_log_energy",
+                    "micik_no_unique", "micik_no_common")
+CORE = ("micik", "micik_sparse", "per_layer", "pruning", "tfmot", "thin", "thin_teacher_budget")
+# The long budget (15 epochs) exceeds the teacher's 12: its thin network
+# already has more than the teacher's budget.
+LONG = ("micik", "micik_sparse", "per_layer", "pruning", "tfmot", "thin")
+FULL_METHODS = ("micik", "micik_sparse", "per_layer", "pruning", "thin", "thin_teacher_budget")
 # Which method's tuned learning rate each uses.
-LR_OF = {"thin_teacher_budget": "thin", **{m: "micik" for m in ABLATIONS if m in METHODS}}
-TUNED = ("micik", "per_layer", "pruning", "tfmot", "thin")
+LR_OF = {"thin_teacher_budget": "thin", "micik_sparse_no_sequential": "micik_sparse",
+         **{m: "micik" for m in ("micik_no_sequential", "micik_log_energy", "micik_no_unique")}}
+TUNED = ("micik", "micik_sparse", "per_layer", "pruning", "tfmot", "thin")
 LR_GRID = (5e-4, 2e-3, 5e-3)
 DEFAULT_LR = 2e-3
 
@@ -102,7 +127,10 @@ class Protocol:
     validation_fraction: float = 0.1
     batch_size: int = 64
     regimes: tuple = (
-        ("limited", Regime(0.1, 3, (8.0, 16.0, 32.0, 64.0), 3, CORE + tuple(ABLATIONS))),
+        ("limited", Regime(0.1, 3, (8.0, 16.0, 32.0, 64.0), 3, CORE + ABLATION_METHODS)),
+        # 10% of the data for 15 epochs (about 1,400 steps): long enough for a
+        # method that starts behind to show whether its structure recovers.
+        ("limited_long", Regime(0.1, 15, (8.0, 16.0, 32.0, 64.0), 3, LONG)),
         ("full", Regime(1.0, 1, (16.0, 64.0), 1, FULL_METHODS)),
     )
     tune_at: tuple = ("limited", 32.0)
@@ -128,7 +156,8 @@ QUICK = dataclasses.replace(
 # Everything, tiny: the bundled digits, a quarter-width teacher, two steps.
 SMOKE = Protocol(
     dataset="digits", width=0.25, teacher_epochs=1, augment=(), batch_size=32,
-    regimes=(("limited", Regime(0.5, 1, (4.0,), 1, CORE + tuple(ABLATIONS))),
+    regimes=(("limited", Regime(0.5, 1, (4.0,), 1, CORE + ABLATION_METHODS)),
+             ("limited_long", Regime(0.5, 2, (4.0,), 1, LONG)),
              ("full", Regime(1.0, 1, (4.0,), 1, FULL_METHODS))),
     tune_at=("limited", 4.0), lr_grid=(1e-3, 2e-3), steps_per_epoch=2,
 )
@@ -281,6 +310,7 @@ class _Suite:
             "path": path, "params": int(model.count_params()),
             "input_shape": list(source.input_shape), "num_classes": source.num_classes,
             "accuracy": evaluation.accuracy(model, test),
+            "test_examples": int(len(test_x)),
             "val_accuracy": history["val_accuracy"], "train_accuracy": history["accuracy"],
             "epochs": p.teacher_epochs, "seconds": seconds, "git_commit": git_commit(),
             "ptq_int8": {"params": int(model.count_params()), "accuracy": int8["accuracy"],
@@ -373,11 +403,10 @@ class _Suite:
             teacher=self.teacher_info["path"], ratio=ratio, min_rank=1,
             epochs=p.teacher_epochs if teacher_budget else regime.epochs,
             batch_size=p.batch_size, steps_per_epoch=p.steps_per_epoch, learning_rate=lr,
-            seed=seed, export=("tflite_int8",), checkpoint_every=1_000_000, verbose=0,
+            seed=seed, export=("tflite", "tflite_int8"), checkpoint_every=1_000_000, verbose=0,
             evaluate_teacher=False,
             student=self._thin_student(ratio) if thin else self._compressed(
-                regime_name, settings.get("mode", "micik"), settings.get("objective",
-                                                                         "log_energy"), ratio),
+                regime.train_fraction, settings, ratio),
             **settings,
         )
         keras.utils.set_random_seed(seed)
@@ -387,8 +416,15 @@ class _Suite:
             return {"accuracy": None, "error": str(error)}
         finally:
             keras.backend.clear_session()
+        if seed == 0:
+            # The files a phone would run, kept for the deployment measurements
+            # (latency and memory do not depend on the seed).
+            kept = os.path.join(self.work, "exports", f"{regime_name}-{method}-{ratio:g}")
+            os.makedirs(kept, exist_ok=True)
+            for fmt in ("tflite", "tflite_int8"):
+                shutil.copy(report["exports"][fmt]["path"], kept)
         shutil.rmtree(model_dir, ignore_errors=True)
-        int8 = report["exports"]["tflite_int8"]
+        int8, float32 = report["exports"]["tflite_int8"], report["exports"]["tflite"]
         eligible = [h for h in report["history"] if h.get("best_eligible")]
         best = max(eligible, key=lambda h: (h["val_accuracy"], h["epoch"])) if eligible else {}
         return {
@@ -399,7 +435,11 @@ class _Suite:
             "epochs": config.epochs, "steps": report["steps"],
             "tflite_int8_gzip_bytes": int8["gzip_bytes"], "tflite_int8_bytes": int8["bytes"],
             "tflite_int8_accuracy": int8["accuracy"],
-            "wall_seconds": report["wall_seconds"],
+            # The int8 file is scored on the first this many test images; the
+            # Keras accuracies on the whole test split.
+            "tflite_int8_test_examples": int8["check_examples"],
+            "tflite_float32_bytes": float32["bytes"], "tflite_float32_gzip_bytes": float32["gzip_bytes"],
+            "wall_seconds": report["wall_seconds"], "git_commit": git_commit(),
         }
 
     def _teacher_weights(self):
@@ -432,28 +472,33 @@ class _Suite:
                     if settings.get("thin"):
                         self._thin_student(ratio)
                     elif "mode" in settings:
-                        self._compressed(name, settings["mode"],
-                                         settings.get("objective", "log_energy"), ratio)
+                        self._compressed(regime.train_fraction, settings, ratio)
 
-    def _compressed(self, regime_name, mode, objective, ratio):
-        """The compressed student of `(regime, mode, objective, ratio)`, made
-        once: compress() depends on the calibration data, not on the seed."""
+    def _compressed(self, train_fraction, settings, ratio):
+        """The compressed student of a method's compress() settings at
+        `ratio`, made once per training share: compress() depends on the
+        calibration data (from the training share), not on the seed or the
+        recovery budget."""
+        mode = settings["mode"]
         if mode == "magnitude_pruning":
             return ""
-        path = os.path.join(self.teacher_dir, "students",
-                            f"{regime_name}-{mode}-{objective}-{ratio:g}.keras")
+        options = dict(mode=mode, unique=settings.get("unique", "low_rank"),
+                       objective=settings.get("objective"),
+                       sequential=settings.get("sequential", False))
+        name = "-".join(str(v) for v in options.values())
+        path = os.path.join(self.teacher_dir, "students", f"{train_fraction:g}-{name}-{ratio:g}.keras")
         if os.path.exists(path):
             return path
         import micik_tf
         from micik_tf import files
         from micik_tf.recovery import pipeline
 
-        source = self.data(self.protocol.regime(regime_name).train_fraction)
+        source = self.data(train_fraction)
         teacher = files.load_model(self.teacher_info["path"])
         calibration = pipeline.pipeline(source.train, self.protocol.batch_size, training=False)
         try:
-            student = micik_tf.compress(teacher, ratio=ratio, mode=mode, objective=objective,
-                                        min_rank=1, calibration_data=calibration, verbose=0)
+            student = micik_tf.compress(teacher, ratio=ratio, min_rank=1,
+                                        calibration_data=calibration, verbose=0, **options)
         except ValueError:
             return ""  # the job reports the same error on the row
         files.save_model(student, path)
@@ -567,7 +612,7 @@ def summarize(rows):
         cells.setdefault((row["regime"], row["method"], row["ratio"]), []).append(row)
     summary = []
     for (regime, method, ratio), group in sorted(cells.items(), key=lambda kv: (
-            kv[0][0] != "limited", kv[0][2], _order(kv[0][1]))):
+            _cell_order((kv[0][0], kv[0][2])), _order(kv[0][1]))):
         ok = [r for r in group if r.get("accuracy") is not None]
         cell = {"regime": regime, "method": method, "ratio": ratio, "seeds": len(ok)}
         if not ok:
@@ -594,21 +639,29 @@ def compare(summary):
     win or a loss only beyond both cells' seed spread (std) added."""
     cells = {(c["regime"], c["method"], c["ratio"]): c for c in summary if c["seeds"]}
     out = []
-    for regime, ratio in sorted({(c["regime"], c["ratio"]) for c in summary},
-                                key=lambda k: (k[0] != "limited", k[1])):
-        micik = cells.get((regime, "micik", ratio))
+    for regime, ratio in sorted({(c["regime"], c["ratio"]) for c in summary}, key=_cell_order):
         rivals = [cells[(regime, m, ratio)] for m in BASELINES if (regime, m, ratio) in cells]
-        if micik is None or not rivals:
-            continue
-        best = max(rivals, key=lambda c: c["accuracy_mean"])
-        entry = {"regime": regime, "ratio": ratio, "micik": micik["accuracy_mean"],
-                 "micik_std": micik["accuracy_std"], "seeds": micik["seeds"],
-                 **_verdict(micik, best, "baseline")}
-        longer = cells.get((regime, "thin_teacher_budget", ratio))
-        if longer is not None:
-            entry.update(_verdict(micik, longer, "thin_teacher_budget"))
-        out.append(entry)
+        for mode in MICIK_MODES:
+            micik = cells.get((regime, mode, ratio))
+            if micik is None or not rivals:
+                continue
+            best = max(rivals, key=lambda c: c["accuracy_mean"])
+            entry = {"regime": regime, "ratio": ratio, "mode": mode,
+                     "micik": micik["accuracy_mean"], "micik_std": micik["accuracy_std"],
+                     "seeds": micik["seeds"], **_verdict(micik, best, "baseline")}
+            longer = cells.get((regime, "thin_teacher_budget", ratio))
+            if longer is not None:
+                entry.update(_verdict(micik, longer, "thin_teacher_budget"))
+            out.append(entry)
     return out
+
+
+REGIME_ORDER = ("limited", "limited_long", "full")
+
+
+def _cell_order(key):
+    regime, ratio = key
+    return (REGIME_ORDER.index(regime) if regime in REGIME_ORDER else len(REGIME_ORDER), ratio)
 
 
 def _verdict(micik, rival, prefix):
@@ -625,15 +678,14 @@ def ablation_worth(summary):
     regime and ratio (positive: the part helps), with both cells' spread."""
     cells = {(c["regime"], c["method"], c["ratio"]): c for c in summary if c["seeds"]}
     out = []
-    for (regime, method, ratio), micik in sorted(cells.items()):
-        if method != "micik":
-            continue
-        for ablation, part in ABLATIONS.items():
-            other = cells.get((regime, ablation, ratio))
-            if other is not None:
-                out.append({"regime": regime, "ratio": ratio, "part": part,
-                            "worth_points": 100 * (micik["accuracy_mean"] - other["accuracy_mean"]),
-                            "spread_points": 100 * (micik["accuracy_std"] + other["accuracy_std"])})
+    for regime, ratio in sorted({(c["regime"], c["ratio"]) for c in summary}, key=_cell_order):
+        for method, ablation, part in ABLATIONS:
+            full, other = cells.get((regime, method, ratio)), cells.get((regime, ablation, ratio))
+            if full is not None and other is not None:
+                out.append({"regime": regime, "ratio": ratio, "part": part, "method": method,
+                            "ablation": ablation,
+                            "worth_points": 100 * (full["accuracy_mean"] - other["accuracy_mean"]),
+                            "spread_points": 100 * (full["accuracy_std"] + other["accuracy_std"])})
     return out
 
 
@@ -691,25 +743,26 @@ def markdown(result, command, stem="curve"):
         "teacher's budget; a margin is a win or a loss only beyond both cells' std added "
         "(with one seed, any margin):",
         "",
-        "| regime | ratio | MICIK | best baseline | margin (points) | verdict | thin, teacher's budget | margin | verdict |",
-        "|---|---:|---:|---|---:|---|---:|---:|---|",
+        "| regime | ratio | MICIK mode | accuracy | best baseline | margin (points) | verdict | thin, teacher's budget | margin | verdict |",
+        "|---|---:|---|---:|---|---:|---|---:|---:|---|",
     ]
     for v in result["verdicts"]:
         longer = (f"{v['thin_teacher_budget_accuracy']:.4f} | {v['thin_teacher_budget_margin_points']:+.2f} "
                   f"| {v['thin_teacher_budget_verdict']}" if "thin_teacher_budget" in v else "- | - | -")
         lines.append(
-            f"| {v['regime']} | {v['ratio']:g} | {v['micik']:.4f} | {v['baseline']} "
+            f"| {v['regime']} | {v['ratio']:g} | {v['mode']} | {v['micik']:.4f} | {v['baseline']} "
             f"{v['baseline_accuracy']:.4f} | {v['baseline_margin_points']:+.2f} "
             f"| {v['baseline_verdict']} | {longer} |")
     if result["ablations"]:
         parts = list(dict.fromkeys(a["part"] for a in result["ablations"]))
-        lines += ["", "What each part of MICIK is worth: full MICIK's accuracy minus the "
-                  "ablation's, in points (positive: the part helps; ± both cells' std added):",
+        lines += ["", "What each part is worth: the method's accuracy minus its ablation's "
+                  "(the sparse unique part: micik_sparse minus micik), in points (positive: "
+                  "the part helps; ± both cells' std added):",
                   "", "| regime | ratio | " + " | ".join(parts) + " |",
                   "|---|---:|" + "---:|" * len(parts)]
         worth = {(a["regime"], a["ratio"], a["part"]): a for a in result["ablations"]}
         for regime, ratio in sorted({(a["regime"], a["ratio"]) for a in result["ablations"]},
-                                    key=lambda k: (k[0] != "limited", k[1])):
+                                    key=_cell_order):
             lines.append(f"| {regime} | {ratio:g} | " + " | ".join(
                 f"{worth[(regime, ratio, part)]['worth_points']:+.2f} ± "
                 f"{worth[(regime, ratio, part)]['spread_points']:.2f}"
@@ -718,7 +771,8 @@ def markdown(result, command, stem="curve"):
     return "\n".join(lines)
 
 
-STYLES = {"micik": dict(color="C3", linewidth=2.5), "per_layer": dict(color="C0"),
+STYLES = {"micik": dict(color="C3", linewidth=2.5),
+          "micik_sparse": dict(color="C4", linewidth=2.5), "per_layer": dict(color="C0"),
           "pruning": dict(color="C2"), "tfmot": dict(color="C2", linestyle=":"),
           "thin": dict(color="C1"), "thin_teacher_budget": dict(color="C1", linestyle=":")}
 

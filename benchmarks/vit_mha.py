@@ -4,8 +4,12 @@ The `vit` suite's protocol on `micik_tf.models.vit_tiny(attention="mha")`:
 each block's attention is one MultiHeadAttention layer, whose query, key,
 value and output projections compress() finds inside it
 (`micik_tf.layers.CompressedBlock`), so MICIK can share a basis across the
-projections of every block and the feed-forward layers. Two seeds; the
-scratch state is `.vit_mha_work/`.
+projections of every block and the feed-forward layers. Beside per-layer
+SVD, the baselines a user would pick instead: LAMP magnitude pruning and the
+thin transformer trained from scratch with distillation; MICIK in both modes
+(low-rank and sparse unique parts). Both limited budgets (3 and 15 epochs on
+10% of the data), two seeds, every method at the same learning rate (not
+tuned, as for `vit`); the scratch state is `.vit_mha_work/`.
 
     python tools/benchmark.py --suite=vit_mha
 """
@@ -15,9 +19,11 @@ import functools
 
 from benchmarks import curve, vit
 
+METHODS = ("micik", "micik_sparse", "per_layer", "pruning", "thin")
 PROTOCOL = dataclasses.replace(
     vit.PROTOCOL, arch="vit_mha",
-    regimes=(("limited", curve.Regime(0.1, 3, (2.0, 4.0, 8.0), 2, ("micik", "per_layer"))),))
+    regimes=(("limited", curve.Regime(0.1, 3, (2.0, 4.0, 8.0), 2, METHODS)),
+             ("limited_long", curve.Regime(0.1, 15, (2.0, 4.0, 8.0), 2, METHODS))))
 SMOKE = dataclasses.replace(vit.SMOKE, arch="vit_mha")
 
 markdown = functools.partial(curve.markdown, stem="vit_mha")

@@ -39,13 +39,17 @@ def test_curve_quick_smoke(tmp_path):
     data = _smoke("curve", tmp_path, "--quick", "--workers=2")
     assert data["quick"] is True
     rows = {r["method"]: r for r in data["rows"]}
-    assert set(rows) == {"micik", "per_layer", "pruning", "tfmot", "thin", "thin_teacher_budget"}
+    assert set(rows) == {"micik", "micik_sparse", "per_layer", "pruning", "tfmot", "thin",
+                         "thin_teacher_budget"}
     for method, row in rows.items():
         assert row.get("error") is None, (method, row.get("error"))
         # The same stored-parameter budget (thin: the closest width; tiny
         # smoke models round channels coarsely).
         assert abs(row["achieved_ratio"] / 4 - 1) <= (0.05 if "thin" in method else 0.02), method
         assert row["tflite_int8_gzip_bytes"] < row["tflite_int8_bytes"]
+        if method != "tfmot":
+            # The int8 file is scored on the whole (small) test split, as Keras is.
+            assert row["tflite_int8_test_examples"] == data["teacher"]["test_examples"]
     assert rows["tfmot"]["tfmot_version"] and rows["tfmot"]["sparsity_per_kernel"] > 0
     # The teacher budget trains the thin network for the teacher's epochs.
     teacher = data["teacher"]
@@ -59,9 +63,9 @@ def test_curve_quick_smoke(tmp_path):
     from benchmarks import curve
 
     partial, _ = curve.progress(curve.QUICK_SMOKE, str(tmp_path))
-    assert partial["partial"] == {"runs_done": 6, "runs_planned": 6}
+    assert partial["partial"] == {"runs_done": 7, "runs_planned": 7}
     assert len(partial["rows"]) == len(data["rows"])
-    assert "(partial: 6 of 6 runs" in curve.markdown(dict(data, **partial), data["command"])
+    assert "(partial: 7 of 7 runs" in curve.markdown(dict(data, **partial), data["command"])
     assert curve.markdown(data, data["command"]) == (tmp_path / "curve.md").read_text()
 
 
@@ -76,7 +80,7 @@ def test_curve_verdicts_count_only_margins_beyond_the_spread():
     rows = [row("micik", 0.90, 0), row("micik", 0.92, 1), row("per_layer", 0.80, 0),
             row("per_layer", 0.82, 1), row("thin", 0.905, 0), row("thin", 0.925, 1),
             row("thin_teacher_budget", 0.95, 0), row("thin_teacher_budget", 0.95, 1),
-            row("micik_no_sim", 0.88, 0), row("micik_no_sim", 0.88, 1)]
+            row("micik_no_sequential", 0.88, 0), row("micik_no_sequential", 0.88, 1)]
     summary = curve.summarize(rows)
     (verdict,) = curve.compare(summary)
     # thin is the best equal-budget baseline; 0.5 points apart is within the
@@ -84,7 +88,8 @@ def test_curve_verdicts_count_only_margins_beyond_the_spread():
     assert verdict["baseline"] == "thin" and verdict["baseline_verdict"] == "tie"
     assert verdict["thin_teacher_budget_verdict"] == "loss"
     (worth,) = curve.ablation_worth(summary)
-    assert worth["part"] == "L_sim" and abs(worth["worth_points"] - 3.0) < 1e-9
+    assert worth["part"] == "sequential calibration" and abs(worth["worth_points"] - 3.0) < 1e-9
+
 
 
 @pytest.mark.slow  # also `make benchmark-smoke`
