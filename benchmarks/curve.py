@@ -277,7 +277,9 @@ class _Suite:
         path = os.path.join(self.teacher_dir, "teacher.keras")
         info_path = os.path.join(self.teacher_dir, "teacher.json")
         if os.path.exists(info_path):
-            self.teacher_info = read_json(info_path)
+            # The recorded path is where it was trained; a clone elsewhere
+            # (a later session's) finds it beside its record.
+            self.teacher_info = dict(read_json(info_path), path=path)
             return
         import keras
 
