@@ -141,6 +141,15 @@ class Protocol:
     def regime(self, name):
         return dict(self.regimes)[name]
 
+    def rows_key(self):
+        """What a recorded row's result depends on beyond its own key
+        (regime, method, ratio, seed): everything but the lists of methods,
+        ratios and seeds, so that a suite which grows keeps its rows."""
+        regimes = tuple((name, r.train_fraction, r.epochs) for name, r in self.regimes)
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                  if f.name != "regimes"}
+        return hashlib.sha256(repr((fields, regimes)).encode()).hexdigest()[:12]
+
     def teacher_key(self):
         recipe = (self.dataset, self.arch, self.width, self.teacher_epochs,
                   self.teacher_learning_rate, self.teacher_batch, self.augment,
@@ -242,7 +251,7 @@ class _Suite:
     def __init__(self, protocol, work, log, worker=None):
         self.protocol, self.work, self.log, self.worker = protocol, work, log, worker
         self.teacher_dir = os.path.join(work, f"teacher-{protocol.teacher_key()}")
-        self.options = hashlib.sha256(repr(protocol).encode()).hexdigest()[:12]
+        self.options = protocol.rows_key()
         self.load()
 
     def load(self):

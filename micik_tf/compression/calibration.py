@@ -145,16 +145,26 @@ def collect_covariances(model, sites, data, max_batches=8, rows_per_image=ROWS_P
     return covariances
 
 
-def chunks(data, max_batches, model):
-    """The calibration inputs, `CHUNK` images at a time (checked finite)."""
+def chunks(data, max_batches, model, size=CHUNK):
+    """The calibration inputs, `size` images at a time (checked finite)."""
     for index, batch in enumerate(as_batches(data, max_batches, len(model.inputs[0].shape))):
         if np.issubdtype(batch.dtype, np.floating) and not np.all(np.isfinite(batch)):
             raise ValueError(
                 f"`calibration_data` holds NaN or infinite values (batch {index}). Pass "
                 "finite model inputs, as the model takes them (e.g. training images)."
             )
-        for start in range(0, len(batch), CHUNK):
-            yield batch[start:start + CHUNK]
+        for start in range(0, len(batch), size):
+            yield batch[start:start + size]
+
+
+def chunk_size(model, largest=256):
+    """`CHUNK` images of 224x224x3, and proportionally more of smaller inputs
+    (at most `largest`): the activations a chunk holds scale with the input,
+    and on small images the per-call overhead is what costs."""
+    shape = model.inputs[0].shape[1:]
+    if any(d is None for d in shape):
+        return CHUNK
+    return int(min(largest, max(CHUNK, CHUNK * (224 * 224 * 3) // max(1, int(np.prod(shape))))))
 
 
 class InputTap:

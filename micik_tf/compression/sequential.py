@@ -63,7 +63,8 @@ def _statistics(model, site, original, working, data, max_batches, seed, rows_pe
     """`(C_hat, C_x)` of one site over the calibration data."""
     c_hat = cross = None
     count = 0
-    for index, chunk in enumerate(calibration.chunks(data, max_batches, model)):
+    size = calibration.chunk_size(model)
+    for index, chunk in enumerate(calibration.chunks(data, max_batches, model, size)):
         xs = [v for k, v in original(chunk) if k == site.name]
         hats = [v for k, v in working(chunk) if k == site.name]
         for call, (x, x_hat) in enumerate(zip(xs, hats)):
