@@ -22,7 +22,9 @@ Protocol (`PROTOCOL`):
   MICIK (low-rank unique parts) and MICIK with sparse unique parts; per-layer
   SVD with the same losses (all three with sequential calibration, an
   initialisation each can use); magnitude pruning of the teacher (one global
-  threshold on LAMP scores, BatchNorm re-estimated); tfmot's own
+  threshold on LAMP scores, BatchNorm re-estimated); structured pruning of
+  the teacher (whole channels, `micik_tf.prune_channels`: a smaller dense
+  network, the peer on the latency and memory axes); tfmot's own
   `prune_low_magnitude` as its users run it (`tfmot_baseline.py`, a tf_keras
   twin in a subprocess); the same architecture thinned to the same size and
   trained from scratch with the same distillation, for the recovery budget
@@ -68,6 +70,9 @@ METHODS = {
     "micik_sparse": dict(mode="micik", unique="sparse", sequential=True),
     "per_layer": dict(mode="per_layer", sequential=True),
     "pruning": dict(mode="magnitude_pruning"),
+    # Structured pruning: whole channels removed (micik_tf.prune_channels),
+    # a smaller dense network recovered like the others.
+    "channels": dict(channels=True),
     "tfmot": None,
     "thin": dict(thin=True),
     "thin_teacher_budget": dict(thin=True, teacher_budget=True),
@@ -78,7 +83,7 @@ METHODS = {
 }
 # Methods whose configuration is another's: their rows are that run's.
 ALIASES = {"micik_no_common": "per_layer"}
-BASELINES = ("per_layer", "pruning", "tfmot", "thin")
+BASELINES = ("per_layer", "pruning", "channels", "tfmot", "thin")
 # MICIK's modes, each compared with the best baseline.
 MICIK_MODES = ("micik", "micik_sparse")
 # (method, its ablation, the part the ablation takes away): the part's worth
@@ -93,15 +98,17 @@ ABLATIONS = (
 )
 ABLATION_METHODS = ("micik_no_sequential", "micik_sparse_no_sequential", "micik_log_energy",
                     "micik_no_unique", "micik_no_common")
-CORE = ("micik", "micik_sparse", "per_layer", "pruning", "tfmot", "thin", "thin_teacher_budget")
+CORE = ("micik", "micik_sparse", "per_layer", "pruning", "channels", "tfmot", "thin",
+        "thin_teacher_budget")
 # The long budget (15 epochs) exceeds the teacher's 12: its thin network
 # already has more than the teacher's budget.
-LONG = ("micik", "micik_sparse", "per_layer", "pruning", "tfmot", "thin")
-FULL_METHODS = ("micik", "micik_sparse", "per_layer", "pruning", "thin", "thin_teacher_budget")
+LONG = ("micik", "micik_sparse", "per_layer", "pruning", "channels", "tfmot", "thin")
+FULL_METHODS = ("micik", "micik_sparse", "per_layer", "pruning", "channels", "thin",
+                "thin_teacher_budget")
 # Which method's tuned learning rate each uses.
 LR_OF = {"thin_teacher_budget": "thin", "micik_sparse_no_sequential": "micik_sparse",
          **{m: "micik" for m in ("micik_no_sequential", "micik_log_energy", "micik_no_unique")}}
-TUNED = ("micik", "micik_sparse", "per_layer", "pruning", "tfmot", "thin")
+TUNED = ("micik", "micik_sparse", "per_layer", "pruning", "channels", "tfmot", "thin")
 LR_GRID = (5e-4, 2e-3, 5e-3)
 DEFAULT_LR = 2e-3
 
@@ -405,6 +412,7 @@ class _Suite:
 
         settings = dict(METHODS[method])
         thin, teacher_budget = settings.pop("thin", False), settings.pop("teacher_budget", False)
+        channels = settings.pop("channels", False)
         p = self.protocol
         key = f"{regime_name}-{method}-{ratio:g}-{seed}-{lr:g}"
         model_dir = os.path.join(self.work, "runs", key)
@@ -416,8 +424,9 @@ class _Suite:
             batch_size=p.batch_size, steps_per_epoch=p.steps_per_epoch, learning_rate=lr,
             seed=seed, export=("tflite", "tflite_int8"), checkpoint_every=1_000_000, verbose=0,
             evaluate_teacher=False,
-            student=self._thin_student(ratio) if thin else self._compressed(
-                regime.train_fraction, settings, ratio),
+            student=(self._thin_student(ratio) if thin else
+                     self._channels_student(regime.train_fraction, ratio) if channels else
+                     self._compressed(regime.train_fraction, settings, ratio)),
             **settings,
         )
         keras.utils.set_random_seed(seed)
@@ -482,6 +491,8 @@ class _Suite:
                 for ratio in regime.ratios:
                     if settings.get("thin"):
                         self._thin_student(ratio)
+                    elif settings.get("channels"):
+                        self._channels_student(regime.train_fraction, ratio)
                     elif "mode" in settings:
                         self._compressed(regime.train_fraction, settings, ratio)
 
@@ -513,6 +524,24 @@ class _Suite:
         except ValueError:
             return ""  # the job reports the same error on the row
         files.save_model(student, path)
+        return path
+
+    def _channels_student(self, train_fraction, ratio):
+        """The teacher with its least important channels removed
+        (`micik_tf.prune_channels`), BatchNorm re-estimated on the training
+        share, made once per share and ratio."""
+        path = os.path.join(self.teacher_dir, "students", f"{train_fraction:g}-channels-{ratio:g}.keras")
+        if os.path.exists(path):
+            return path
+        import micik_tf
+        from micik_tf import files
+        from micik_tf.recovery import pipeline
+
+        source = self.data(train_fraction)
+        teacher = files.load_model(self.teacher_info["path"])
+        calibration = pipeline.pipeline(source.train, self.protocol.batch_size, training=False)
+        files.save_model(micik_tf.prune_channels(teacher, ratio, calibration_data=calibration),
+                         path)
         return path
 
     def _thin_student(self, ratio):
@@ -785,6 +814,7 @@ def markdown(result, command, stem="curve"):
 STYLES = {"micik": dict(color="C3", linewidth=2.5),
           "micik_sparse": dict(color="C4", linewidth=2.5), "per_layer": dict(color="C0"),
           "pruning": dict(color="C2"), "tfmot": dict(color="C2", linestyle=":"),
+          "channels": dict(color="C5"),
           "thin": dict(color="C1"), "thin_teacher_budget": dict(color="C1", linestyle=":")}
 
 

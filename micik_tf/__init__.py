@@ -16,7 +16,14 @@ Importing this package registers those layers with Keras serialization, so
 imports tensorflow-model-optimization or tf_keras, so TensorFlow's Keras stays Keras 3.
 """
 
-from micik_tf.compression import DEFAULT_RATIO, Report, compress, recalibrate_batchnorm, report
+from micik_tf.compression import (
+    DEFAULT_RATIO,
+    Report,
+    compress,
+    prune_channels,
+    recalibrate_batchnorm,
+    report,
+)
 from micik_tf.deploy import export
 from micik_tf.layers import (
     FactorizedConv1D,
@@ -52,6 +59,7 @@ __all__ = [
     "feature_model",
     "linear_cka",
     "logits_distillation",
+    "prune_channels",
     "recalibrate_batchnorm",
     "report",
 ]

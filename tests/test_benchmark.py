@@ -39,8 +39,8 @@ def test_curve_quick_smoke(tmp_path):
     data = _smoke("curve", tmp_path, "--quick", "--workers=2")
     assert data["quick"] is True
     rows = {r["method"]: r for r in data["rows"]}
-    assert set(rows) == {"micik", "micik_sparse", "per_layer", "pruning", "tfmot", "thin",
-                         "thin_teacher_budget"}
+    assert set(rows) == {"micik", "micik_sparse", "per_layer", "pruning", "channels", "tfmot",
+                         "thin", "thin_teacher_budget"}
     for method, row in rows.items():
         assert row.get("error") is None, (method, row.get("error"))
         # The same stored-parameter budget (thin: the closest width; tiny
@@ -63,9 +63,9 @@ def test_curve_quick_smoke(tmp_path):
     from benchmarks import curve
 
     partial, _ = curve.progress(curve.QUICK_SMOKE, str(tmp_path))
-    assert partial["partial"] == {"runs_done": 7, "runs_planned": 7}
+    assert partial["partial"] == {"runs_done": 8, "runs_planned": 8}
     assert len(partial["rows"]) == len(data["rows"])
-    assert "(partial: 7 of 7 runs" in curve.markdown(dict(data, **partial), data["command"])
+    assert "(partial: 8 of 8 runs" in curve.markdown(dict(data, **partial), data["command"])
     assert curve.markdown(data, data["command"]) == (tmp_path / "curve.md").read_text()
 
 
