@@ -31,27 +31,44 @@ def _interpreter(path, sample, threads):
     return interpreter
 
 
-def median_latencies(paths, sample, threads=1, block=BLOCK, blocks=BLOCKS):
-    """Median seconds per batch-1 `invoke()` of each TFLite file.
+def latencies(paths, sample, threads=1, block=BLOCK, blocks=BLOCKS, seed=0):
+    """Seconds per batch-1 `invoke()` of each TFLite file: median and 90th
+    percentile over all its invocations.
+
+    Every model is warmed up first; then, in each of `blocks` rounds, every
+    model runs a block of `block` invocations, the models in a fresh random
+    order each round, so that drifts of the machine fall on all of them alike.
 
     Args:
         paths: `{name: .tflite path}`.
         sample: one model input (no batch axis).
         threads: interpreter threads (1: as on a phone's single big core,
             and steadier than sharing the machine's cores).
+        seed: of the order of the blocks.
 
     Returns:
-        `{name: median seconds}`.
+        `{name: {"median": seconds, "p90": seconds}}`.
     """
     interpreters = {name: _interpreter(path, sample, threads) for name, path in paths.items()}
     for interpreter in interpreters.values():
         for _ in range(WARMUP):
             interpreter.invoke()
     times = {name: [] for name in paths}
+    names = list(paths)
+    rng = np.random.default_rng(seed)
     for _ in range(blocks):
-        for name, interpreter in interpreters.items():
+        for index in rng.permutation(len(names)):
+            name = names[index]
+            interpreter = interpreters[name]
             for _ in range(block):
                 tic = time.perf_counter()
                 interpreter.invoke()
                 times[name].append(time.perf_counter() - tic)
-    return {name: float(np.median(values)) for name, values in times.items()}
+    return {name: {"median": float(np.median(values)), "p90": float(np.percentile(values, 90))}
+            for name, values in times.items()}
+
+
+def median_latencies(paths, sample, threads=1, block=BLOCK, blocks=BLOCKS):
+    """`{name: median seconds}` of `latencies()`."""
+    return {name: stats["median"] for name, stats in
+            latencies(paths, sample, threads, block, blocks).items()}
