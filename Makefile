@@ -36,13 +36,15 @@ benchmark-data:
 
 benchmark: $(STAMP) benchmark-data
 	$(PY) tools/benchmark.py --suite=curve --workers=2
+	$(PY) tools/benchmark.py --suite=vit_mha
+	$(PY) tools/benchmark.py --suite=deploy_axes
 	$(PY) tools/benchmark.py --suite=scale
 	for suite in deploy cost paper; do $(PY) tools/benchmark.py --suite=$$suite || exit 1; done
 	$(PY) tools/update_readme.py
 
 # Every suite on tiny models (a few minutes), into a scratch directory.
 benchmark-smoke: $(STAMP)
-	for suite in curve scale deploy cost paper; do \
+	for suite in curve deploy_axes scale deploy cost paper; do \
 		$(PY) tools/benchmark.py --suite=$$suite --smoke --output_dir=/tmp/micik_benchmark_smoke || exit 1; done
 
 $(PY):

@@ -19,14 +19,14 @@ def _run(tmp_path, *args):
     )
 
 
-def _smoke(suite, tmp_path, *args):
+def _smoke(suite, tmp_path, *args, png=None):
     result = _run(tmp_path, f"--suite={suite}", "--smoke", *args)
     assert result.returncode == 0, result.stderr[-3000:]
     with open(tmp_path / f"{suite}.json") as f:
         data = json.load(f)
     assert data["smoke"] is True
     assert (tmp_path / f"{suite}.md").read_text().startswith(f"# {suite} (smoke)")
-    assert (tmp_path / f"{suite}.png").stat().st_size > 10_000
+    assert (tmp_path / (png or f"{suite}.png")).stat().st_size > 10_000
     assert data["command"].startswith(f"python tools/benchmark.py --suite={suite}")
     return data
 
@@ -67,6 +67,38 @@ def test_curve_quick_smoke(tmp_path):
     assert len(partial["rows"]) == len(data["rows"])
     assert "(partial: 8 of 8 runs" in curve.markdown(dict(data, **partial), data["command"])
     assert curve.markdown(data, data["command"]) == (tmp_path / "curve.md").read_text()
+    # What a phone pays for each cell, from the files the cells exported.
+    axes = _smoke("deploy_axes", tmp_path, png="deploy_axes_curve.png")
+    measured = axes["suites"]["curve"]["rows"]
+    assert {r["method"] for r in measured} == {"teacher"} | set(rows) - {"tfmot"}
+    for r in measured:
+        assert 0 < r["int8_latency_2"]["median"] <= r["int8_latency_2"]["p90"]
+        assert r["int8_memory_bytes"] >= 0 and r["int8_gzip_bytes"] < r["int8_bytes"]
+
+
+def test_which_to_use_names_the_most_accurate_method_that_fits():
+    from benchmarks import deploy_axes
+
+    def row(method, ratio, accuracy, gzip, memory, latency):
+        return {"regime": "limited", "method": method, "ratio": ratio, "accuracy": accuracy,
+                "accuracy_std": 0.0, "int8_gzip_bytes_ratio": gzip,
+                "int8_memory_bytes_ratio": memory, "int8_latency_2_ratio": latency}
+
+    suite = {"regime": "limited", "rows": [
+        row("micik_sparse", 16, 0.90, 1 / 20, 0.9, 0.9),
+        row("pruning", 16, 0.91, 1 / 12, 1.0, 1.0),
+        row("channels", 16, 0.85, 1 / 15, 1 / 9, 1 / 3),
+        row("thin", 64, 0.80, 1 / 60, 1 / 40, 1 / 30)]}
+    table = {(e["constraint"], e["target"]): e for e in deploy_axes.which_to_use(suite)}
+    # Bytes at 16x: pruning is more accurate but too big; MICIK fits and leads.
+    bytes16 = table[("gzip'd bytes", 16.0)]
+    assert bytes16["method"] == "micik_sparse" and bytes16["micik_leads"]
+    assert table[("gzip'd bytes", 8.0)]["method"] == "pruning"
+    assert table[("runtime memory", 8.0)]["method"] == "channels"
+    assert table[("latency (2 threads)", 2.0)]["method"] == "channels"
+    assert table[("latency (2 threads)", 32.0)]["method"] is None
+    assert table[("latency (2 threads)", 32.0)]["cheapest"] == "thin"
+    assert "At 16x, gzip'd bytes: micik_sparse (0.9000)" in deploy_axes._leaders(suite)
 
 
 def test_curve_verdicts_count_only_margins_beyond_the_spread():

@@ -2,15 +2,21 @@
 table and a plot (PNG), in --output_dir (benchmarks/results/).
 
 Suites (the code of each is in benchmarks/<suite>.py, outside the installed package):
-  curve           accuracy against size on Fashion-MNIST: MICIK vs per-layer SVD,
-                  LAMP magnitude pruning, tfmot's pruning and a thin network
-                  distilled from scratch, at equal stored parameters, in a
-                  limited-data and a full-data regime, with ablations and
-                  3 seeds (hours on 2 CPU cores; --quick for a half-hour look).
+  curve           accuracy against size on Fashion-MNIST: MICIK (low-rank and
+                  sparse unique parts) vs per-layer SVD, LAMP magnitude pruning,
+                  structured (channel) pruning, tfmot's pruning and a thin
+                  network distilled from scratch, at equal stored parameters,
+                  on two limited budgets and the full data, with ablations and
+                  3 seeds (many hours on 2 CPU cores, resumable; --quick for a
+                  half-hour look).
   vit             a small Vision Transformer on Fashion-MNIST: MICIK vs per-layer
                   SVD at 2x, 4x and 8x on its attention and feed-forward weights.
   vit_mha         the same with keras.layers.MultiHeadAttention (its projections
                   compressed inside it), 2 seeds.
+  deploy_axes     what a phone pays for every cell of curve and vit_mha: LiteRT
+                  latency (1 and 2 threads), runtime memory, bytes and MACs of
+                  the files they exported, and which method to pick under each
+                  constraint (run after them).
   deploy          sizes, accuracy and TFLite latency of every export format,
                   teacher vs MICIK students stacked with pruning and int8.
   cost            compress() seconds on VGG-16 (138M), and train-step and
@@ -39,9 +45,9 @@ from absl import app, flags, logging
 
 FLAGS = flags.FLAGS
 
-SUITES = ("curve", "vit", "vit_mha", "deploy", "cost", "paper", "scale")
+SUITES = ("curve", "vit", "vit_mha", "deploy_axes", "deploy", "cost", "paper", "scale")
 # Each suite's ratios when --ratios is not given.
-DEFAULT_RATIOS = {"curve": [], "vit": [], "vit_mha": [],
+DEFAULT_RATIOS = {"curve": [], "vit": [], "vit_mha": [], "deploy_axes": [],
                   "cost": ["16"], "paper": [], "deploy": ["16"], "scale": []}
 
 
@@ -100,7 +106,7 @@ def _run(suite, ratios, smoke):
     if suite == "scale" and FLAGS.parts:
         return lib.rerun_parts(FLAGS.parts, os.path.join(FLAGS.output_dir, "scale.json"),
                                git_commit(), smoke), None
-    if suite in ("vit", "vit_mha"):
+    if suite in ("vit", "vit_mha", "deploy_axes"):
         return lib.run_suite(smoke, FLAGS.output_dir)
     if suite in ("paper", "scale"):
         return lib.run_suite(smoke), None

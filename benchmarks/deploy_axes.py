@@ -1,0 +1,331 @@
+"""What a phone pays for each method of the accuracy suites: latency, runtime
+memory, bytes and multiply-adds, beside the accuracy, and which method to
+pick under each constraint.
+
+It reads what `--suite=curve` (and `--suite=vit_mha`) left: the accuracy
+rows in `<suite>.json` and the seed-0 float32 and int8 `.tflite` files each
+cell exported (`.<suite>_work/exports/<regime>-<method>-<ratio>/`, the files
+the accuracy was measured on), and exports the teacher the same way. Then,
+in one process:
+
+- **Latency**: per file, median and p90 seconds of a batch-1 invoke with
+  LiteRT on this CPU, 1 and 2 threads, every model warmed up and timed in
+  blocks in a fresh random order each round (`deploy.latency`), the teacher
+  among them; reported as ratios to the teacher.
+- **Runtime memory**: the peak resident memory one inference adds in a fresh
+  process, less a trivial model's (`deploy.memory.METHOD`).
+- **Bytes**: raw and gzip'd, of the same files.
+- **MACs** per example (`deploy.macs`) of the Keras model each cell started
+  recovery from (the compressed student; for pruning the teacher's shape).
+
+tfmot's cells run in a tf_keras subprocess and keep no file here: their
+`.tflite` has the teacher's dense shape, like LAMP pruning's, whose figures
+stand for both.
+
+    python tools/benchmark.py --suite=deploy_axes
+"""
+
+import os
+
+from micik_tf.files import read_json, write_figure
+
+from benchmarks.common import figure, git_commit
+
+SUITES = ("curve", "vit_mha")
+FORMATS = {"float32": "model_float32.tflite", "int8": "model_int8.tflite"}
+THREADS = (1, 2)
+# The constraints of the "which to use" table, each a cost of the int8 file,
+# and the target ratios: under a constraint at ratio r, a method may cost at
+# most 1/r of the teacher's.
+CONSTRAINTS = (("gzip'd bytes", "gzip_bytes"), ("runtime memory", "memory_bytes"),
+               ("latency (2 threads)", "latency_2"))
+TARGETS = (2.0, 4.0, 8.0, 16.0, 32.0)
+# The target ratios the summary sentence covers.
+SUMMARY_TARGETS = (8.0, 16.0, 32.0)
+# The regime whose accuracies are set against the costs: the longest budget
+# the suite has, where the methods are most nearly recovered.
+REGIME_PREFERENCE = ("limited_long", "limited", "full")
+
+
+def run_suite(smoke, output_dir, log=print):
+    result = {"suites": {}, "smoke": smoke, "git_commit": git_commit()}
+    for name in SUITES:
+        work = os.path.join(output_dir, f".{name}_work")
+        accuracy_path = os.path.join(output_dir, f"{name}.json")
+        if not os.path.isdir(os.path.join(work, "exports")) or not os.path.exists(accuracy_path):
+            log(f"deploy_axes: {name}: no exported files or no {name}.json yet; skipped")
+            continue
+        result["suites"][name] = _measure(name, work, read_json(accuracy_path), smoke, log)
+    if not result["suites"]:
+        raise ValueError("deploy_axes: run --suite=curve (or vit_mha) first: it exports the "
+                         "files this suite measures.")
+    return result, None
+
+
+def _measure(name, work, accuracy, smoke, log):
+    from micik_tf.deploy import latency, memory
+    from micik_tf.deploy.checks import gzip_size
+
+    cells = _cells(work)
+    cells["teacher"] = _teacher_files(name, work, accuracy)
+    sample = _sample(name, accuracy)
+    blocks = 3 if smoke else latency.BLOCKS
+    measured = {cell: {} for cell in cells}
+    for fmt in FORMATS:
+        paths = {cell: files[fmt] for cell, files in cells.items()}
+        for threads in THREADS:
+            log(f"deploy_axes: {name} {fmt}: latency of {len(paths)} files, {threads} thread(s)")
+            for cell, stats in latency.latencies(paths, sample, threads, blocks=blocks).items():
+                measured[cell][f"{fmt}_latency_{threads}"] = stats
+        log(f"deploy_axes: {name} {fmt}: runtime memory")
+        found = memory.runtime_memory(paths, repeats=1 if smoke else 3)
+        for cell, value in found["bytes"].items():
+            measured[cell][f"{fmt}_memory_bytes"] = value
+        for cell, path in paths.items():
+            measured[cell][f"{fmt}_bytes"] = os.path.getsize(path)
+            measured[cell][f"{fmt}_gzip_bytes"] = gzip_size(path)
+    macs = _macs(name, work, cells, accuracy)
+    rows = []
+    for cell in cells:
+        regime, method, ratio = ("teacher", "teacher", 1.0) if cell == "teacher" else _parse(cell)
+        rows.append(dict(regime=regime, method=method, ratio=ratio, macs=macs.get(cell),
+                         **_accuracy(accuracy, regime, method, ratio), **measured[cell]))
+    return {"rows": _with_ratios(rows), "memory_method": memory.METHOD,
+            "teacher_accuracy": accuracy["teacher"]["accuracy"],
+            "regime": next((r for r in REGIME_PREFERENCE if any(
+                row["regime"] == r for row in rows)), None)}
+
+
+def _cells(work):
+    """`{cell: {format: path}}` for each exported cell with both files."""
+    folder = os.path.join(work, "exports")
+    cells = {}
+    for cell in sorted(os.listdir(folder)):
+        paths = {fmt: os.path.join(folder, cell, file) for fmt, file in FORMATS.items()}
+        if cell != "teacher" and all(os.path.exists(p) for p in paths.values()):
+            cells[cell] = paths
+    return cells
+
+
+def _parse(cell):
+    regime, rest = (cell.split("-", 1) if not cell.startswith("limited_long") else
+                    ("limited_long", cell[len("limited_long-"):]))
+    method, ratio = rest.rsplit("-", 1)
+    return regime, method, float(ratio)
+
+
+def _suite_state(name, work, accuracy):
+    """The suite's `_Suite` (its protocol, teacher and student files)."""
+    from benchmarks import curve, vit_mha
+
+    protocol = {"curve": curve, "vit_mha": vit_mha}[name]
+    smoke = accuracy.get("smoke")
+    chosen = (protocol.SMOKE if smoke else protocol.PROTOCOL) if name == "vit_mha" else (
+        curve.protocol_for(accuracy.get("quick", False), smoke))
+    suite = curve._Suite(chosen, work, lambda message: None)
+    suite.teacher()
+    return suite
+
+
+def _teacher_files(name, work, accuracy):
+    """The teacher's float32 and int8 files, exported once into exports/teacher."""
+    import micik_tf
+    from micik_tf import files
+    from micik_tf.recovery import pipeline
+
+    folder = os.path.join(work, "exports", "teacher")
+    paths = {fmt: os.path.join(folder, file) for fmt, file in FORMATS.items()}
+    if not all(os.path.exists(p) for p in paths.values()):
+        suite = _suite_state(name, work, accuracy)
+        teacher = files.load_model(suite.teacher_info["path"])
+        representative, _ = pipeline.to_arrays(suite.data().train, 128)
+        micik_tf.export(teacher, folder, formats=("tflite", "tflite_int8"),
+                        representative_data=representative, overwrite=True)
+    return paths
+
+
+def _sample(name, accuracy):
+    import numpy as np
+
+    shape = accuracy["teacher"]["input_shape"]
+    return np.random.default_rng(0).random(shape).astype("float32")
+
+
+def _macs(name, work, cells, accuracy):
+    """Multiply-adds per example of the model each cell recovered from."""
+    from micik_tf import files
+    from micik_tf.deploy.macs import forward_macs
+    from benchmarks import curve
+
+    suite = _suite_state(name, work, accuracy)
+    teacher = forward_macs(files.load_model(suite.teacher_info["path"]))["total"]
+    out = {"teacher": teacher}
+    for cell in cells:
+        if cell == "teacher":
+            continue
+        regime, method, ratio = _parse(cell)
+        settings = dict(curve.METHODS.get(method) or {})
+        fraction = suite.protocol.regime(regime).train_fraction
+        if settings.get("thin"):
+            path = suite._thin_student(ratio)
+        elif settings.get("channels"):
+            path = suite._channels_student(fraction, ratio)
+        elif settings.get("mode", "magnitude_pruning") == "magnitude_pruning":
+            out[cell] = teacher  # dense kernels with zeros: the teacher's work
+            continue
+        else:
+            path = suite._compressed(fraction, settings, ratio)
+        out[cell] = forward_macs(files.load_model(path))["total"] if path else None
+    return out
+
+
+def _accuracy(accuracy, regime, method, ratio):
+    if method == "teacher":
+        return {"accuracy": accuracy["teacher"]["accuracy"], "accuracy_std": 0.0, "seeds": 1}
+    for cell in accuracy["summary"]:
+        if (cell["regime"], cell["method"], cell["ratio"]) == (regime, method, ratio) \
+                and cell["seeds"]:
+            return {"accuracy": cell["accuracy_mean"], "accuracy_std": cell["accuracy_std"],
+                    "seeds": cell["seeds"], "params": cell["params"]}
+    return {"accuracy": None, "accuracy_std": None, "seeds": 0}
+
+
+def _with_ratios(rows):
+    """Each cost also as a ratio to the teacher's (below 1: cheaper)."""
+    teacher = next(r for r in rows if r["method"] == "teacher")
+    for row in rows:
+        for fmt in FORMATS:
+            for threads in THREADS:
+                key = f"{fmt}_latency_{threads}"
+                row[f"{key}_ratio"] = row[key]["median"] / teacher[key]["median"]
+            for key in (f"{fmt}_memory_bytes", f"{fmt}_gzip_bytes", f"{fmt}_bytes"):
+                row[f"{key}_ratio"] = row[key] / max(teacher[key], 1)
+        row["macs_ratio"] = (row["macs"] / teacher["macs"]) if row["macs"] else None
+    return rows
+
+
+def _cost(row, key):
+    """The int8 file's cost under a constraint, as a ratio to the teacher's."""
+    return row[{"gzip_bytes": "int8_gzip_bytes_ratio", "memory_bytes": "int8_memory_bytes_ratio",
+                "latency_2": "int8_latency_2_ratio"}[key]]
+
+
+def which_to_use(suite):
+    """Per constraint and target ratio `r`: the most accurate cell whose int8
+    file costs at most 1/r of the teacher's (any method, any compression
+    ratio), or the cheapest one when none fits."""
+    rows = [r for r in suite["rows"] if r["regime"] == suite["regime"] and
+            r["accuracy"] is not None]
+    table = []
+    for label, key in CONSTRAINTS:
+        for target in TARGETS:
+            fits = [r for r in rows if _cost(r, key) <= 1 / target]
+            entry = {"constraint": label, "key": key, "target": target}
+            if fits:
+                best = max(fits, key=lambda r: r["accuracy"])
+                entry.update(method=best["method"], ratio=best["ratio"], cost=_cost(best, key),
+                             accuracy=best["accuracy"], accuracy_std=best["accuracy_std"],
+                             micik_leads=best["method"].startswith("micik"))
+            else:
+                cheapest = min(rows, key=lambda r: _cost(r, key)) if rows else None
+                entry.update(method=None, cheapest=cheapest and cheapest["method"],
+                             cheapest_cost=cheapest and _cost(cheapest, key))
+            table.append(entry)
+    return table
+
+
+def markdown(result, command):
+    lines = [f"# deploy_axes{' (smoke)' if result['smoke'] else ''}", "",
+             f"Written by `{command}` at commit `{result['git_commit']}`: what each cell's "
+             "exported files cost on this CPU (LiteRT, batch 1), beside its accuracy. "
+             "Costs are ratios to the teacher's file of the same format (below 1: cheaper)."]
+    for name, suite in result["suites"].items():
+        regime = suite["regime"]
+        lines += ["", f"## {name} ({regime} regime)", "",
+                  f"![accuracy against latency, memory and bytes](deploy_axes_{name}.png)", "",
+                  f"Runtime memory: {suite['memory_method']}.", "",
+                  "| method | ratio | accuracy | int8 latency 1 / 2 threads | float32 latency 1 / 2 "
+                  "threads | int8 memory | float32 memory | int8 gzip'd bytes | MACs |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for r in sorted((r for r in suite["rows"] if r["regime"] in (regime, "teacher")),
+                        key=lambda r: (r["ratio"], r["method"])):
+            accuracy = "-" if r["accuracy"] is None else f"{r['accuracy']:.4f}"
+            lines.append(
+                f"| {r['method']} | {r['ratio']:g} | {accuracy} "
+                f"| {r['int8_latency_1_ratio']:.2f} / {r['int8_latency_2_ratio']:.2f} "
+                f"| {r['float32_latency_1_ratio']:.2f} / {r['float32_latency_2_ratio']:.2f} "
+                f"| {r['int8_memory_bytes_ratio']:.2f} | {r['float32_memory_bytes_ratio']:.2f} "
+                f"| {r['int8_gzip_bytes_ratio']:.3f} "
+                f"| {'-' if r['macs_ratio'] is None else format(r['macs_ratio'], '.3f')} |")
+        teacher = next(r for r in suite["rows"] if r["method"] == "teacher")
+        lines += ["", f"The teacher: int8 {teacher['int8_latency_2']['median'] * 1e3:.3f} ms "
+                  f"(2 threads), {teacher['int8_memory_bytes']:,} bytes at run time, "
+                  f"{teacher['int8_gzip_bytes']:,} gzip'd bytes, {teacher['macs']:,} MACs.", "",
+                  "Which to use: under each constraint, a budget of 1/r of the teacher's int8 "
+                  "cost; the most accurate cell (any method, any compression ratio) that fits:", "",
+                  "| constraint | target r | most accurate method | its cost | accuracy |",
+                  "|---|---:|---|---:|---:|"]
+        for entry in which_to_use(suite):
+            if entry["method"] is None:
+                lines.append(f"| {entry['constraint']} | {entry['target']:g}x | none fits "
+                             f"(cheapest: {entry['cheapest']}, {entry['cheapest_cost']:.3f}) "
+                             "| - | - |")
+            else:
+                lead = " (MICIK leads)" if entry["micik_leads"] else ""
+                lines.append(f"| {entry['constraint']} | {entry['target']:g}x "
+                             f"| {entry['method']} at {entry['ratio']:g}x{lead} "
+                             f"| {entry['cost']:.3f} | {entry['accuracy']:.4f} |")
+        lines += ["", _leaders(suite)]
+    lines.append("")
+    return "\n".join(lines)
+
+
+def _leaders(suite):
+    """One sentence per target ratio: which method leads each axis."""
+    table = which_to_use(suite)
+    sentences = []
+    for target in SUMMARY_TARGETS:
+        parts = []
+        for entry in (e for e in table if e["target"] == target):
+            parts.append(f"{entry['constraint']}: "
+                         + (f"{entry['method']} ({entry['accuracy']:.4f})" if entry["method"]
+                            else "no method fits"))
+        sentences.append(f"At {target:g}x, " + "; ".join(parts) + ".")
+    return " ".join(sentences)
+
+
+PANELS = (("int8_latency_2_ratio", "int8 latency, 2 threads (x teacher)"),
+          ("int8_memory_bytes_ratio", "int8 runtime memory (x teacher)"),
+          ("int8_gzip_bytes_ratio", "int8 gzip'd bytes (x teacher)"))
+
+
+def plot(result, path):
+    """deploy_axes_<suite>.png: accuracy against each cost, a line per method."""
+    from matplotlib import ticker
+
+    from benchmarks.curve import STYLES
+
+    folder, written = os.path.dirname(path), []
+    for name, suite in result["suites"].items():
+        fig, axes = figure(1, len(PANELS), size=(6 * len(PANELS), 4.5))
+        rows = [r for r in suite["rows"] if r["regime"] == suite["regime"] and r["accuracy"]]
+        teacher = next(r for r in suite["rows"] if r["method"] == "teacher")
+        for ax, (key, label) in zip(axes, PANELS):
+            for method in sorted({r["method"] for r in rows}):
+                points = sorted((r for r in rows if r["method"] == method), key=lambda r: r[key])
+                ax.plot([r[key] for r in points], [r["accuracy"] for r in points], marker="o",
+                        label=method, **STYLES.get(method, dict(linestyle="--", alpha=0.6)))
+            ax.plot([teacher[key]], [teacher["accuracy"]], "k*", markersize=12, label="teacher")
+            ax.set_xscale("log")
+            ax.xaxis.set_major_formatter(ticker.FormatStrFormatter("%g"))
+            ax.xaxis.set_minor_formatter(ticker.NullFormatter())
+            ax.set_xlabel(label)
+            ax.set_ylabel("test accuracy after recovery")
+            ax.grid(alpha=0.3)
+        axes[0].legend(fontsize=7)
+        fig.suptitle(f"{name}: accuracy against what a phone pays ({suite['regime']} regime)")
+        fig.tight_layout()
+        target = os.path.join(folder, f"deploy_axes_{name}.png")
+        write_figure(fig, target)
+        written.append(target)
+    return written
