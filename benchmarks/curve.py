@@ -507,41 +507,45 @@ class _Suite:
         options = dict(mode=mode, unique=settings.get("unique", "low_rank"),
                        objective=settings.get("objective"),
                        sequential=settings.get("sequential", False))
-        name = "-".join(str(v) for v in options.values())
-        path = os.path.join(self.teacher_dir, "students", f"{train_fraction:g}-{name}-{ratio:g}.keras")
-        if os.path.exists(path):
-            return path
         import micik_tf
-        from micik_tf import files
-        from micik_tf.recovery import pipeline
 
-        source = self.data(train_fraction)
-        teacher = files.load_model(self.teacher_info["path"])
-        calibration = pipeline.pipeline(source.train, self.protocol.batch_size, training=False)
-        try:
-            student = micik_tf.compress(teacher, ratio=ratio, min_rank=1,
-                                        calibration_data=calibration, verbose=0, **options)
-        except ValueError:
-            return ""  # the job reports the same error on the row
-        files.save_model(student, path)
-        return path
+        def make(teacher, calibration):
+            try:
+                return micik_tf.compress(teacher, ratio=ratio, min_rank=1,
+                                         calibration_data=calibration, verbose=0, **options)
+            except ValueError:
+                return None  # the job reports the same error on the row
+
+        name = "-".join(str(v) for v in options.values())
+        return self._student_file(f"{train_fraction:g}-{name}-{ratio:g}", train_fraction, make)
 
     def _channels_student(self, train_fraction, ratio):
         """The teacher with its least important channels removed
         (`micik_tf.prune_channels`), BatchNorm re-estimated on the training
         share, made once per share and ratio."""
-        path = os.path.join(self.teacher_dir, "students", f"{train_fraction:g}-channels-{ratio:g}.keras")
+        import micik_tf
+
+        return self._student_file(
+            f"{train_fraction:g}-channels-{ratio:g}", train_fraction,
+            lambda teacher, calibration: micik_tf.prune_channels(
+                teacher, ratio, calibration_data=calibration))
+
+    def _student_file(self, name, train_fraction, make):
+        """`students/<name>.keras`, made once by `make(teacher, calibration
+        data of the training share)` ("" if it returns None)."""
+        path = os.path.join(self.teacher_dir, "students", f"{name}.keras")
         if os.path.exists(path):
             return path
-        import micik_tf
         from micik_tf import files
         from micik_tf.recovery import pipeline
 
         source = self.data(train_fraction)
         teacher = files.load_model(self.teacher_info["path"])
         calibration = pipeline.pipeline(source.train, self.protocol.batch_size, training=False)
-        files.save_model(micik_tf.prune_channels(teacher, ratio, calibration_data=calibration),
-                         path)
+        student = make(teacher, calibration)
+        if student is None:
+            return ""
+        files.save_model(student, path)
         return path
 
     def _thin_student(self, ratio):

@@ -7,6 +7,7 @@ import pytest
 import keras
 import micik_tf
 from micik_tf.compression import decomposition, sequential
+from tests.test_composite import _attention_model
 
 
 def _deep_chain(depth=8, width=24):
@@ -71,18 +72,6 @@ def test_a_layer_whose_inputs_did_not_change_keeps_its_fit():
     moved = sequential.refit_layer(w, first, c_hat, cross)
     target_error = lambda f: np.linalg.norm(x_hat @ f.approximation - x @ w)  # noqa: E731
     assert target_error(moved) < target_error(first)
-
-
-def _attention_model():
-    keras.utils.set_random_seed(0)
-    inputs = keras.Input((6, 16))
-    x = inputs
-    for i in range(2):
-        h = keras.layers.LayerNormalization(name=f"ln{i}")(x)
-        x = keras.layers.Add()([x, keras.layers.MultiHeadAttention(2, 8, name=f"mha{i}")(h, h)])
-        x = keras.layers.Add()([x, keras.layers.Dense(16, name=f"ffn{i}")(x)])
-    x = keras.layers.GlobalAveragePooling1D()(x)
-    return keras.Model(inputs, keras.layers.Dense(3, name="logits")(x))
 
 
 def test_layers_held_inside_composite_blocks_are_refit():
