@@ -61,6 +61,11 @@ def parse():
     (["--allow_changes=ratio"], r"--allow_changes=\['ratio'\].*epochs, learning_rate"),
     (["--mode=magnitude_pruning", "--prune_sparsity=0.5"], "sets its own sparsity"),
     (["--teacher_arch=vgg17"], r"--teacher_arch=vgg17.*vgg_style"),
+    (["--unique=dense"], r"--unique=dense.*low_rank\|sparse"),
+    (["--unique=sparse", "--sparse_share=1.5"], r"--sparse_share=1.5.*\[0, 1\]"),
+    (["--sparse_share=0.5"], "--sparse_share needs --unique=sparse"),
+    (["--unique=sparse", "--prune_sparsity=0.5"], "masks fixed"),
+    (["--sequential", "--calibration_batches=0"], "--calibration_batches > 0"),
 ])
 def test_bad_flag_values_are_refused_at_parse_time(parse, tmp_path, argv, named):
     with pytest.raises(flags.IllegalFlagValueError, match=named):

@@ -185,6 +185,26 @@ def test_fit_with_the_distiller_keeps_the_masks():
         assert not np.array_equal(after, before[name]), "the kept entries should train"
 
 
+def test_the_recovery_job_keeps_the_masks(tmp_path, teacher_file):
+    from micik_tf import files, job
+
+    config = job.RunConfig(model_dir=str(tmp_path / "run"), teacher=teacher_file, ratio=3,
+                           unique="sparse", sparse_share=0.5, sequential=True, epochs=1,
+                           batch_size=32, steps_per_epoch=4, calibration_batches=2, verbose=0,
+                           export=("keras",), evaluate_teacher=False)
+    report = job.run(config)
+    start = files.load_model(str(tmp_path / "run" / "student_init.keras"))
+    end = files.load_model(report["exports"]["keras"]["path"])
+    assert _masks(start) and set(_masks(start)) == set(_masks(end))
+    for name, mask in _masks(start).items():
+        np.testing.assert_array_equal(_masks(end)[name], mask)
+    moved = [name for name in _masks(start) if not np.array_equal(
+        np.asarray(_wrappers(start)[name].sparse_kernel),
+        np.asarray(_wrappers(end)[name].sparse_kernel))]
+    assert moved, "the kept entries should train"
+    assert abs(report["ratio"] - 3) < 0.1
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [
