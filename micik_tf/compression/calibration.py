@@ -171,11 +171,11 @@ class InputTap:
     """A copy of `model` that returns the inputs of `sites`: `tap(x)` is a
     list of `(site name, numpy input)`, once per call of the site's layer.
     `layers[name]` is the copy's layer at each site, whose weights may be
-    changed (the original is never touched)."""
+    changed, and `model` the whole copy (the original is never touched)."""
 
     def __init__(self, model, sites):
         self.captured = {}  # inputs of layers held inside composite layers, per call
-        self.records, self.extractors, self.layers = _extractors(
+        self.records, self.extractors, self.layers, self.model = _extractors(
             model, {s.name: s for s in sites}, self.captured)
 
     def __call__(self, inputs):
@@ -246,7 +246,7 @@ def _extractors(model, wanted, captured):
         owner: keras.Model(_single_input(nested[owner]), [t for *_, t in items])
         for owner, items in records.items()
     }
-    return records, extractors, layers
+    return records, extractors, layers, probe
 
 
 class _Recorder(keras.layers.Layer):

@@ -39,8 +39,12 @@ def refit(model, sites, factors, kernels, data, max_batches, seed=0,
 
     Two copies of `model` run the calibration data: the original, and one
     whose site kernels become their compressed approximations as the pass
-    goes on (layers kept dense keep their kernel). Layers inside composite
-    layers are reached as `calibration.InputTap` reaches them.
+    goes on (layers kept dense keep their kernel), its BatchNorm statistics
+    re-estimated after each change, as `compress()` re-estimates the
+    compressed model's: otherwise a layer would be fit to undo a shift that
+    the re-estimation removes anyway (measured on vgg_compact at 32x: weights
+    40x the original's, and recovery stuck at 0.20 accuracy). Layers inside
+    composite layers are reached as `calibration.InputTap` reaches them.
     """
     original = calibration.InputTap(model, sites)
     working = calibration.InputTap(model, sites)
@@ -55,6 +59,8 @@ def refit(model, sites, factors, kernels, data, max_batches, seed=0,
                                                        cross, seed)
         working.layers[site.name].kernel.assign(
             site.kernel_from_matrix(current.approximation))
+        calibration.recalibrate_batchnorm(working.model, data, max_batches)
+        working.captured.clear()  # what held layers' recorders saw meanwhile
     del original, working
     gc.collect()  # the copies sit in reference cycles
 
