@@ -150,22 +150,10 @@ def compress(
     _check_model(model)
     model = graph.as_graph(model)
     mode = one_of("mode", mode, MODES)
-    unique = one_of("unique", unique, UNIQUE_KINDS)
-    if sparse_share is not None:
-        if unique != "sparse":
-            raise ValueError(
-                "`sparse_share` sets the nonzeros' share of the budget, which only "
-                "unique='sparse' has. Pass unique='sparse', or drop `sparse_share`. "
-                f"Received: sparse_share={sparse_share!r}, unique={unique!r}")
-        sparse_share = fraction("sparse_share", sparse_share, high_open=False)
+    unique, sparse_share = _check_unique(unique, sparse_share)
     objective = one_of("objective", DEFAULT_OBJECTIVES[unique] if objective is None
                        else objective, alloc.OBJECTIVES)
-    if not isinstance(sequential, bool):
-        raise TypeError(f"`sequential` must be True or False. Received: {sequential!r}")
-    if sequential and calibration_data is None:
-        raise ValueError(
-            "sequential=True fits each layer to the original outputs on calibration "
-            "data: pass `calibration_data` too, or drop `sequential`.")
+    _check_sequential(sequential, calibration_data)
     calibration_batches = positive_int("calibration_batches", calibration_batches)
     if min_rank is not None:
         min_rank = positive_int("min_rank", min_rank)
@@ -367,6 +355,27 @@ def _names(value, argument):
             f"Received: {argument}={value!r}; did you mean [{value!r}]?"
         )
     return list(value)
+
+
+def _check_unique(unique, sparse_share):
+    unique = one_of("unique", unique, UNIQUE_KINDS)
+    if sparse_share is None:
+        return unique, None
+    if unique != "sparse":
+        raise ValueError(
+            "`sparse_share` sets the nonzeros' share of the budget, which only "
+            "unique='sparse' has. Pass unique='sparse', or drop `sparse_share`. "
+            f"Received: sparse_share={sparse_share!r}, unique={unique!r}")
+    return unique, fraction("sparse_share", sparse_share, high_open=False)
+
+
+def _check_sequential(sequential, calibration_data):
+    if not isinstance(sequential, bool):
+        raise TypeError(f"`sequential` must be True or False. Received: {sequential!r}")
+    if sequential and calibration_data is None:
+        raise ValueError(
+            "sequential=True fits each layer to the original outputs on calibration "
+            "data: pass `calibration_data` too, or drop `sequential`.")
 
 
 def _check_ranks(ranks, sites, allow_zero=False):
