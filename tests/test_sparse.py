@@ -213,6 +213,8 @@ def test_the_recovery_job_keeps_the_masks(tmp_path, teacher_file):
         (dict(sparse_share=0.5), "needs unique='sparse'|only unique='sparse'"),
         (dict(unique="sparse", ranks={"c1": (0, 0)}), "give `ratio` too"),
         (dict(ranks={"c1": (0, 0)}), "needs unique='sparse'"),
+        (dict(unique="sparse", ratio=30, ranks={"c1": (0, 12), "c2": (0, 12)}),
+         "`ranks` alone take"),
     ],
 )
 def test_bad_input_gets_one_line(kwargs, message):

@@ -504,6 +504,11 @@ def _allocate_sparse(grouped, kernels, metrics, params_before, fixed, ratio, mod
             factorization = _factorize(grouped, plan, kernels, metrics, seed)
         # Rounded as `deploy.pruning` rounds its count of pruned entries.
         nonzeros = int(round(budget - planning.cost(grouped, plan)))
+        if nonzeros < 0:
+            raise ValueError(
+                f"The given `ranks` alone take {planning.cost(grouped, plan):,} parameters, "
+                f"more than ratio={ratio:g} leaves for the compressed layers "
+                f"({int(budget):,}). Lower the ranks or the ratio.")
         if nonzero_share == 0 and share == 0:
             value, counts = None, {}  # exactly MICIK: no sparse part at all
         else:
