@@ -794,7 +794,7 @@ def markdown(result, command, stem="curve"):
         longer = (f"{v['thin_teacher_budget_accuracy']:.4f} | {v['thin_teacher_budget_margin_points']:+.2f} "
                   f"| {v['thin_teacher_budget_verdict']}" if "thin_teacher_budget" in v else "- | - | -")
         lines.append(
-            f"| {v['regime']} | {v['ratio']:g} | {v['mode']} | {v['micik']:.4f} | {v['baseline']} "
+            f"| {v['regime']} | {v['ratio']:g} | {v.get('mode', 'micik')} | {v['micik']:.4f} | {v['baseline']} "
             f"{v['baseline_accuracy']:.4f} | {v['baseline_margin_points']:+.2f} "
             f"| {v['baseline_verdict']} | {longer} |")
     if result["ablations"]:
