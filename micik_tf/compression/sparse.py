@@ -7,11 +7,15 @@ B_g A_l - U_l V_l`. Every nonzero, basis entry and coefficient counts one
 parameter.
 
 Nonzeros are spent across all layers by one global rule: each layer's
-residual entries, largest whitened magnitude first (`decomposition.
-sparse_scores`), bring the allocator's objective down by a marginal gain
-(`marginal_gains`), and the budget goes to the largest gains of the whole
-model. The gains fall along each layer's entries, so this is the exact
-optimum of the allocator's objective for the given low-rank parts. With the
+residual entries, the one whose keeping lowers the output error most first
+(`decomposition.sparse_scores`: the squared entry without calibration data),
+bring the allocator's objective down by a marginal gain (`marginal_gains`),
+and the budget goes to the largest gains of the whole model. The gains fall
+along each layer's entries, so without calibration data (or with a diagonal
+metric) this is the exact optimum of the allocator's objective for the given
+low-rank parts; with a full metric the entries' gains interact, the values
+on the chosen support are refit by least squares (`decomposition.
+sparse_part`), and the objective is measured exactly afterwards. With the
 `"log_energy"` objective and no low-rank part, a gain is `-log(1 - x)` of
 the entry's LAMP score `x` (Lee et al. 2021), so the rule is global LAMP
 magnitude pruning, the `deploy.pruning` baseline.
