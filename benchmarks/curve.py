@@ -589,7 +589,8 @@ class _Suite:
                                     "accuracy", "val_accuracy", "best_epoch",
                                     "wall_seconds", "tfmot_version", "sparsity_per_kernel")} | {
             "tflite_int8_gzip_bytes": row["tflite_int8_gzip_bytes"],
-            "tflite_int8_bytes": row["tflite_int8_bytes"], "epochs": regime.epochs}
+            "tflite_int8_bytes": row["tflite_int8_bytes"], "epochs": regime.epochs,
+            "git_commit": git_commit()}
 
     # -- results ------------------------------------------------------------------------
 
