@@ -7,8 +7,6 @@ import numbers
 import sys
 import time
 
-import numpy as np
-
 import keras
 
 from micik_tf.compression import allocation as alloc
@@ -536,10 +534,8 @@ def _allocate_sparse(grouped, kernels, metrics, params_before, fixed, ratio, mod
 def _sparse_zeros(model):
     """Zeros of the sparse unique parts: stored as dense tensors, but not
     parameters (a pruned entry costs nothing once gzip'd)."""
-    return sum(
-        int(np.prod(layer.sparse_kernel.shape)) - layer.nonzeros()
-        for layer, _, _, _ in walk_deep(model)
-        if isinstance(layer, FACTORIZED) and layer.sparse)
+    return sum(layer.sparse_zeros() for layer, _, _, _ in walk_deep(model)
+               if isinstance(layer, FACTORIZED))
 
 
 def _build(model, grouped, plan, factorization, metrics, untouched):

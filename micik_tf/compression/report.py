@@ -155,7 +155,7 @@ def report(model, reference=None):
             basis = np.asarray(keras.ops.convert_to_numpy(held.basis))
         nonzeros = layer.nonzeros()
         # The zeros of a sparse part are its mask, not parameters.
-        layer_zeros = int(np.prod(layer.sparse_kernel.shape)) - nonzeros if layer.sparse else 0
+        layer_zeros = layer.sparse_zeros()
         zeros += layer_zeros
         params = layer.count_own_params() - layer_zeros
         dense = int(np.prod(layer.kernel_shape())) + (

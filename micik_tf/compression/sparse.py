@@ -81,12 +81,6 @@ def allocate_nonzeros(gains, budget):
     return {name: int(count) for name, count in zip(names, counts)}
 
 
-def residual(matrix, factors):
-    """`W - W_hat` of the low-rank factors, float32."""
-    matrix = np.asarray(matrix, dtype=np.float32)
-    return matrix - factors.approximation
-
-
 def spend(factors, kernels, metrics, budget, objective):
     """Adds sparse parts to `factors` (`{site name: Factors}`, the low-rank
     parts; layers kept dense are not in it), spending `budget` nonzeros.
@@ -98,7 +92,7 @@ def spend(factors, kernels, metrics, budget, objective):
     """
     gains, residuals = {}, {}
     for name, f in factors.items():
-        residuals[name] = residual(kernels[name], f)
+        residuals[name] = np.asarray(kernels[name], np.float32) - f.approximation
         scores = np.sort(decomposition.sparse_scores(residuals[name], metrics[name]))[::-1]
         reference = decomposition.energy(kernels[name], metrics[name])
         retained = reference - decomposition.energy(residuals[name], metrics[name])

@@ -293,6 +293,11 @@ class _Factorized(keras.layers.Layer):
             return 0
         return int(np.count_nonzero(ops.convert_to_numpy(self.sparse_kernel)))
 
+    def sparse_zeros(self):
+        """Zero entries of the sparse part: its mask, stored but not
+        parameters (0 without one)."""
+        return int(np.prod(self.sparse_kernel.shape)) - self.nonzeros() if self.sparse else 0
+
     def kernel_from_matrix(self, matrix):
         """The layer's kernel from its `m x n` matrix."""
         return matrix.reshape(self.kernel_shape())
