@@ -194,7 +194,8 @@ def _key(row):
     return base + (row["learning_rate"],) if row["phase"] == "tune" else base
 
 
-def run_suite(protocol, output_dir, log=print, workers=1, work_name=".curve_work"):
+def run_suite(protocol, output_dir, log=print, workers=1, work_name=".curve_work",
+              methods=None):
     """Runs every cell of `protocol`; returns `(results, scratch folder)`.
 
     With `workers` > 1 the runs of each phase (the learning-rate trials, then
@@ -203,22 +204,33 @@ def run_suite(protocol, output_dir, log=print, workers=1, work_name=".curve_work
     then overlap, about 1.2x the throughput of one two-thread process on 2
     cores. A run's result does not depend on the process it ran in.
     `work_name`: the scratch folder in `output_dir` (one per suite).
+    `methods`: run only these methods' runs now (the others stay pending, and
+    the results say they are partial), e.g. the methods a change to the code
+    leaves alone, while it is being made.
     """
     work = os.path.join(output_dir, work_name)
-    suite = _Suite(protocol, work, log)
+    suite = _Suite(protocol, work, log, methods=methods)
     suite.teacher()
     suite.prepare_students()
     for phase in ("tune", "cells"):
         if phase == "tune" and not protocol.tune:
             continue
         if workers > 1 and len(suite.pending(phase)) > 1:
-            _run_workers(protocol, output_dir, phase, workers, log)
+            _run_workers(protocol, output_dir, phase, workers, log, work_name, methods)
             suite.load()
         else:
             suite.run(phase)
     # The teacher, the compressed students, the tuned learning rates and the
     # rows stay (a rerun re-renders at once); a killed run's checkpoints go.
-    return suite.results(), os.path.join(work, "runs")
+    results = suite.results()
+    if methods:
+        everything = _Suite(protocol, work, log)
+        pending = sum(len(everything.pending(phase)) for phase in ("tune", "cells")
+                      if phase != "tune" or protocol.tune)
+        if pending:
+            results["partial"] = {"runs_done": len(suite.rows),
+                                  "runs_planned": len(suite.rows) + pending}
+    return results, os.path.join(work, "runs")
 
 
 def progress(protocol, output_dir):
@@ -238,13 +250,16 @@ def progress(protocol, output_dir):
     return dict(suite.results(), partial={"runs_done": done, "runs_planned": done + pending}), None
 
 
-def _run_workers(protocol, output_dir, phase, workers, log):
+def _run_workers(protocol, output_dir, phase, workers, log, work_name=".curve_work",
+                 methods=None):
     name = next(k for k, v in PROTOCOLS.items() if v == protocol)
     env = dict(os.environ, TF_NUM_INTRAOP_THREADS="1", TF_NUM_INTEROP_THREADS="1",
                PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    only = [f"--methods={','.join(methods)}"] if methods else []
     processes = [subprocess.Popen(
         [sys.executable, os.path.abspath(__file__), f"--protocol={name}", f"--phase={phase}",
-         f"--worker={k}", f"--workers={workers}", f"--output_dir={output_dir}"],
+         f"--worker={k}", f"--workers={workers}", f"--output_dir={output_dir}",
+         f"--work_name={work_name}", *only],
         cwd=ROOT, env=env) for k in range(workers)]
     failed = [k for k, process in enumerate(processes) if process.wait() != 0]
     if failed:
@@ -255,8 +270,10 @@ def _run_workers(protocol, output_dir, phase, workers, log):
 class _Suite:
     """The suite's state on disk, and one method per step of the protocol."""
 
-    def __init__(self, protocol, work, log, worker=None):
+    def __init__(self, protocol, work, log, worker=None, methods=None):
         self.protocol, self.work, self.log, self.worker = protocol, work, log, worker
+        # The methods to run now (None: all); the rows of every method load.
+        self.methods = set(methods) if methods else None
         self.teacher_dir = os.path.join(work, f"teacher-{protocol.teacher_key()}")
         self.options = protocol.rows_key()
         self.load()
@@ -353,7 +370,8 @@ class _Suite:
                     for name, r in p.regimes if seed < r.seeds
                     for ratio in r.ratios for m in r.methods if m not in ALIASES]
         done = self.done(phase)
-        return [k for k in keys if k not in done]
+        return [k for k in keys if k not in done
+                and (self.methods is None or k[1] in self.methods)]
 
     def run(self, phase, worker=None, workers=1):
         """Runs the pending runs of `phase` (this worker's share of them)."""
@@ -487,6 +505,8 @@ class _Suite:
             self._teacher_weights()
         for name, regime in self.protocol.regimes:
             for method in regime.methods:
+                if self.methods is not None and method not in self.methods:
+                    continue
                 settings = METHODS.get(method) or {}
                 for ratio in regime.ratios:
                     if settings.get("thin"):
@@ -890,11 +910,13 @@ def _worker_main():
     parser.add_argument("--worker", type=int, required=True)
     parser.add_argument("--workers", type=int, required=True)
     parser.add_argument("--output_dir", required=True)
+    parser.add_argument("--work_name", default=".curve_work")
+    parser.add_argument("--methods", default="")
     args = parser.parse_args()
     protocol = PROTOCOLS[args.protocol]
-    suite = _Suite(protocol, os.path.join(args.output_dir, ".curve_work"),
+    suite = _Suite(protocol, os.path.join(args.output_dir, args.work_name),
                    lambda message: print(f"[worker {args.worker}] {message}", flush=True),
-                   worker=args.worker)
+                   worker=args.worker, methods=[m for m in args.methods.split(",") if m])
     suite.teacher()
     suite.run(args.phase, args.worker, args.workers)
 

@@ -30,5 +30,6 @@ markdown = functools.partial(curve.markdown, stem="vit_mha")
 plot = curve.plot
 
 
-def run_suite(smoke, output_dir):
-    return curve.run_suite(SMOKE if smoke else PROTOCOL, output_dir, work_name=".vit_mha_work")
+def run_suite(smoke, output_dir, methods=None):
+    return curve.run_suite(SMOKE if smoke else PROTOCOL, output_dir, work_name=".vit_mha_work",
+                           methods=methods)

@@ -76,6 +76,20 @@ def test_curve_quick_smoke(tmp_path):
         assert r["int8_memory_bytes"] >= 0 and r["int8_gzip_bytes"] < r["int8_bytes"]
 
 
+def test_curve_runs_only_the_methods_asked_for_and_keeps_the_rest_pending(tmp_path):
+    from benchmarks import curve
+
+    everything = curve._Suite(curve.QUICK_SMOKE, str(tmp_path), print)
+    some = curve._Suite(curve.QUICK_SMOKE, str(tmp_path), print, methods=["pruning", "thin"])
+    assert {key[1] for key in some.pending("cells")} == {"pruning", "thin"}
+    assert set(everything.pending("cells")) > set(some.pending("cells"))
+    result = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "tools", "benchmark.py"), "--suite=curve",
+         "--methods=pruning,nonsense", f"--output_dir={tmp_path}"],
+        capture_output=True, text=True, timeout=120, cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT))
+    assert result.returncode != 0 and "unknown method(s) nonsense" in result.stderr
+
+
 def test_which_to_use_names_the_most_accurate_method_that_fits():
     from benchmarks import deploy_axes
 

@@ -66,6 +66,9 @@ def define_flags():
                       "each part records the commit that measured it.")
     flags.DEFINE_bool("allow_dirty", False, "Run from a tree with uncommitted changes; the "
                       "results record that they were (`git_commit` ends in -dirty).")
+    flags.DEFINE_list("methods", None, "curve, vit_mha: run only these methods' runs now "
+                      "(e.g. those a change in progress leaves alone); the others stay "
+                      "pending and the results are marked partial.")
     flags.DEFINE_bool("progress", False, "curve: write the results of the runs recorded so "
                       "far (marked partial), without running anything, while the suite runs.")
     flags.DEFINE_bool("rerender", False, "Rewrite <suite>.md (and its plot) from the "
@@ -85,6 +88,17 @@ def _ratios_valid(values):
         return False
 
 
+def _check_methods(suite, methods):
+    if suite not in ("curve", "vit_mha"):
+        raise app.UsageError("--methods is for --suite=curve and --suite=vit_mha only.")
+    from benchmarks import curve
+
+    unknown = sorted(set(methods) - set(curve.METHODS))
+    if unknown:
+        raise app.UsageError(f"--methods: unknown method(s) {', '.join(unknown)}; the "
+                             f"suite's methods are {', '.join(sorted(curve.METHODS))}.")
+
+
 def git_commit():
     from benchmarks.common import git_commit as commit
 
@@ -102,7 +116,9 @@ def _run(suite, ratios, smoke):
         return lib.progress(lib.protocol_for(FLAGS.quick, smoke), FLAGS.output_dir)
     if suite == "curve":
         return lib.run_suite(lib.protocol_for(FLAGS.quick, smoke), FLAGS.output_dir,
-                             workers=FLAGS.workers)
+                             workers=FLAGS.workers, methods=FLAGS.methods)
+    if suite == "vit_mha":
+        return lib.run_suite(smoke, FLAGS.output_dir, methods=FLAGS.methods)
     if suite == "scale" and FLAGS.parts:
         return lib.rerun_parts(FLAGS.parts, os.path.join(FLAGS.output_dir, "scale.json"),
                                git_commit(), smoke), None
@@ -198,6 +214,8 @@ def main(argv):
         raise app.UsageError("--progress is for --suite=curve only.")
     if FLAGS.parts and suite != "scale":
         raise app.UsageError("--parts is for --suite=scale only.")
+    if FLAGS.methods:
+        _check_methods(suite, FLAGS.methods)
     if FLAGS.rerender:
         return _rerender(suite)
     ratios = [float(r) for r in (FLAGS.ratios if FLAGS.ratios is not None else DEFAULT_RATIOS[suite])]
