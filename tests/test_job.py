@@ -66,6 +66,8 @@ def parse():
     (["--sparse_share=0.5"], "--sparse_share needs --unique=sparse"),
     (["--unique=sparse", "--prune_sparsity=0.5"], "masks fixed"),
     (["--sequential", "--calibration_batches=0"], "--calibration_batches > 0"),
+    (["--sparse_masks=gradual"], "--sparse_masks=gradual .* needs --unique=sparse"),
+    (["--unique=sparse", "--sparse_masks=moving"], r"--sparse_masks=moving.*fixed\|gradual"),
 ])
 def test_bad_flag_values_are_refused_at_parse_time(parse, tmp_path, argv, named):
     with pytest.raises(flags.IllegalFlagValueError, match=named):

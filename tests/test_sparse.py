@@ -205,6 +205,67 @@ def test_the_recovery_job_keeps_the_masks(tmp_path, teacher_file):
     assert abs(report["ratio"] - 3) < 0.1
 
 
+def test_filled_residuals_give_back_the_original_and_prune_back_to_the_budget():
+    model = _cnn()
+    x = _x(8)
+    student = micik_tf.compress(model, ratio=4, unique="sparse", sparse_share=0.5,
+                                calibration_data=_x(), verbose=0)
+    budget = {name: layer.nonzeros() for name, layer in _wrappers(student).items()}
+    assert sum(budget.values()) and max(abs(np.asarray(student(x) - model(x))).ravel()) > 1e-3
+    pruner = pruning.from_residuals(student, total_steps=100)
+    assert sparse.fill_residuals(student, model) == len(budget)
+    np.testing.assert_allclose(student(x), model(x), rtol=1e-4, atol=1e-4)
+    assert micik_tf.report(student).params_after > micik_tf.report(model).params_before / 4
+    # The schedule ends at as many nonzeros as the budget gave, spread by
+    # LAMP scores (not necessarily as compress() spread them).
+    pruner.prune_to(pruner.final_sparsity)
+    assert sum(layer.nonzeros() for layer in _wrappers(student).values()) == sum(budget.values())
+    assert abs(micik_tf.report(student).ratio - 4) < 0.05
+
+
+def test_filled_residuals_of_attention_projections():
+    """EinsumDense kernels inside MultiHeadAttention: the matrix of a kernel
+    is its contracted axes against the rest, in and out."""
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((6, 16))
+    x = keras.layers.MultiHeadAttention(2, 8, name="mha")(inputs, inputs)
+    model = keras.Model(inputs, keras.layers.Dense(4, name="head")(x))
+    tokens = np.random.default_rng(0).normal(size=(4, 6, 16)).astype("float32")
+    student = micik_tf.compress(model, ratio=3, unique="sparse", sparse_share=0.5, verbose=0)
+    sparse.fill_residuals(student, model)
+    np.testing.assert_allclose(student(tokens), model(tokens), rtol=1e-4, atol=1e-4)
+
+
+def test_filling_needs_a_sparse_student_and_its_original():
+    model = _cnn()
+    with pytest.raises(ValueError, match="no sparse unique part"):
+        sparse.fill_residuals(micik_tf.compress(model, ratio=4, verbose=0), model)
+    student = micik_tf.compress(model, ratio=4, unique="sparse", sparse_share=0.5, verbose=0)
+    inputs = keras.Input((8, 8, 3))
+    other = keras.Model(inputs, keras.layers.Conv2D(12, 1, name="c1")(inputs))
+    with pytest.raises(ValueError, match="Layer 'c1' has no kernel of shape"):
+        sparse.fill_residuals(student, other)
+
+
+def test_the_recovery_job_prunes_filled_residuals_back_to_the_budget(tmp_path, teacher_file):
+    from micik_tf import files, job
+
+    config = job.RunConfig(model_dir=str(tmp_path / "run"), teacher=teacher_file, ratio=3,
+                           unique="sparse", sparse_share=0.5, sparse_masks="gradual", epochs=2,
+                           batch_size=32, steps_per_epoch=10, calibration_batches=2, verbose=0,
+                           export=("keras",), evaluate_teacher=False)
+    report = job.run(config)
+    start = files.load_model(str(tmp_path / "run" / "student_init.keras"))
+    end = files.load_model(report["exports"]["keras"]["path"])
+    budget = sum(layer.nonzeros() for layer in _wrappers(start).values())
+    assert sum(layer.nonzeros() for layer in _wrappers(end).values()) <= budget
+    # The masks moved: chosen again from the trained residuals.
+    assert any(not np.array_equal(mask, _masks(end)[name]) for name, mask in _masks(start).items())
+    assert abs(report["ratio"] - 3) < 0.1
+    # The best epoch is one at the final sparsity (here the last).
+    assert report["history"][-1]["best_eligible"] and not report["history"][0]["best_eligible"]
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [

@@ -25,7 +25,7 @@ def define_flags():
     from micik_tf.compression.allocation import OBJECTIVES
     from micik_tf.compression.compress import UNIQUE_KINDS
     from micik_tf.compression.grouping import SHARE_CHOICES
-    from micik_tf.job.config import CHANGEABLE, MODES, QUANTIZE_FORMATS, RunConfig
+    from micik_tf.job.config import CHANGEABLE, MODES, QUANTIZE_FORMATS, SPARSE_MASKS, RunConfig
     from micik_tf.recovery.pipeline import CACHE_CHOICES
     from micik_tf.recovery.strategies import STRATEGIES
     from micik_tf.recovery.trainer import OPTIMIZERS, SCHEDULES
@@ -77,6 +77,11 @@ def define_flags():
                       "allocator minimises over the layers' relative errors e: the sum of e, "
                       "or of -log(1 - e) (never starves a layer); auto: compress()'s "
                       "default for --unique (sum_error for low_rank, log_energy for sparse).")
+    flags.DEFINE_enum("sparse_masks", d.sparse_masks, SPARSE_MASKS, "With --unique=sparse: "
+                      "fixed keeps the masks compress() chose through recovery; gradual "
+                      "starts recovery from the whole residuals (the teacher's function) and "
+                      "prunes them back to the budget by LAMP scores on the pruning "
+                      "baseline's schedule.")
     flags.DEFINE_bool("sequential", d.sequential, "Fit each layer, in the graph's order, to "
                       "the original outputs from the inputs the compressed layers before it "
                       "produce (needs --calibration_batches > 0).")

@@ -24,12 +24,20 @@ The split of the budget between low rank and nonzeros is searched over
 `SHARES` (the nonzeros' share): share 0 is plain MICIK, share 1 plain
 pruning, and the share whose allocation has the lowest objective wins, so by
 the allocator's own measure the sparse mode starts no worse than either.
+
+Recovery may keep the masks compress() chose, or start from the whole
+residuals (`fill_residuals`: the compressed model computes the original's
+function again) and prune them back to the budget gradually, as the pruning
+baseline prunes the original (`deploy.pruning.from_residuals`).
 """
 
+import keras
 import numpy as np
 
 from micik_tf.compression import allocation as alloc
 from micik_tf.compression import decomposition
+from micik_tf.compression.grouping import walk_deep
+from micik_tf.layers import FACTORIZED, SharedBasis
 
 # The nonzeros' shares of the budget that the split search tries. MICIK.md
 # section 6 measured the best fixed share on VGG-16 between 25% and 50% at 8x
@@ -104,3 +112,51 @@ def spend(factors, kernels, metrics, budget, objective):
         error = decomposition.output_error(kernels[name], f, metrics[name])
         total += float(alloc.layer_cost(np.array([error]), objective)[0])
     return total, counts
+
+
+def fill_residuals(model, original):
+    """Gives every sparse unique part of `model` (in place) the whole
+    residual of its layer in `original`: `S_l = W_l - B_g A_l - U_l V_l`,
+    dense, so that each factorized layer computes the original layer again.
+
+    Args:
+        model: a model `compress(original, unique="sparse")` made (or a
+            copy of one, loaded from `.keras`); layers matched by path.
+        original: the model it was compressed from.
+
+    Returns:
+        The number of sparse parts filled.
+
+    Raises:
+        ValueError: if `model` has no sparse unique part, or one of its
+            layers has no kernel of the same shape at its path in `original`.
+    """
+    kernels = {"/".join(path): layer for layer, path, _, _ in walk_deep(original)
+               if getattr(layer, "kernel", None) is not None}
+    bases = {(path[:-1], layer.name): layer for layer, path, _, _ in walk_deep(model)
+             if isinstance(layer, SharedBasis)}
+    filled = 0
+    for layer, path, block, _ in walk_deep(model):
+        if not (isinstance(layer, FACTORIZED) and layer.sparse):
+            continue
+        name = "/".join(path)
+        source = kernels.get(name)
+        if source is None or tuple(source.kernel.shape) != tuple(layer.kernel_shape()):
+            raise ValueError(
+                f"Layer '{name}' has no kernel of shape {tuple(layer.kernel_shape())} "
+                "at the same path in the original model: pass the model it was "
+                "compressed from.")
+        basis = None
+        if layer.rank_common:
+            owner = block[:-1] if block else path[:-1]
+            held = layer.shared_basis or bases[(owner, layer.group)]
+            basis = keras.ops.convert_to_numpy(held.basis)
+        gap = keras.ops.convert_to_numpy(source.kernel) - layer.reconstruct_kernel(basis)
+        layer.sparse_kernel.assign(
+            keras.ops.convert_to_numpy(layer.sparse_kernel) + layer.matrix_from_kernel(gap))
+        filled += 1
+    if not filled:
+        raise ValueError(
+            f"Model '{model.name}' has no sparse unique part to fill: compress it "
+            "with unique='sparse' (and a share of nonzeros above 0).")
+    return filled

@@ -181,6 +181,23 @@ def gradual_schedule(target, total_steps):
                            end_step=frequency * max(1, end // frequency), frequency=frequency)
 
 
+def from_residuals(model, total_steps):
+    """The pruner of `--sparse_masks=gradual`: takes a model's sparse unique
+    parts from dense back to the nonzeros they hold now, on
+    `gradual_schedule` with one global threshold on LAMP scores, as the
+    pruning baseline prunes the original model. Create it while the parts
+    hold their budget (before `compression.sparse.fill_residuals`), under
+    the model's `strategy.scope()`. None if the model has no sparse part."""
+    variables = prunable_variables(model, factors=SPARSE_NAMES)
+    if not variables:
+        return None
+    values = [ops.convert_to_numpy(v) for _, v in variables]
+    zeros = sum(int(np.count_nonzero(v == 0)) for v in values)
+    target = zeros / sum(v.size for v in values)
+    return MagnitudePruner(model, gradual_schedule(target, total_steps),
+                           scope="lamp", factors=SPARSE_NAMES)
+
+
 def prunable_variables(model, include_dense_kernels=False, factors=FACTOR_NAMES):
     """The variables magnitude pruning acts on, as `(name, variable)` pairs.
 

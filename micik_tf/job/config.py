@@ -31,6 +31,10 @@ MODES = COMPRESSION_MODES + (PRUNING_MODE,)
 # trains the final QAT_FRACTION of the recovery steps on int8-rounded weights.
 QUANTIZE_FORMATS = {"none": None, "fp16": "tflite_fp16", "int8": "tflite_int8"}
 QAT_FRACTION = 0.3
+# What recovery does with the masks of sparse unique parts: keeps those
+# compress() chose, or starts from the whole residuals and prunes them back
+# to the budget on the pruning baseline's schedule.
+SPARSE_MASKS = ("fixed", "gradual")
 # Settings a resumed run may change when the user names them in
 # --allow_changes: they change how the rest of the run trains, not what the
 # student is or which data it sees (those need a new --model_dir).
@@ -71,6 +75,7 @@ RULES = {
     "unique": (lambda v: v in UNIQUE_KINDS, f"one of {', '.join(UNIQUE_KINDS)}"),
     "sparse_share": (_optional(lambda v: 0 <= v <= 1),
                      "a share of the budget in [0, 1] (unset: the allocator chooses)"),
+    "sparse_masks": (lambda v: v in SPARSE_MASKS, f"one of {', '.join(SPARSE_MASKS)}"),
     "calibration_batches": (lambda v: v >= 0, "an integer >= 0 (0: off)"),
     "prune_sparsity": (lambda v: 0 <= v < 1, "a sparsity in [0, 1) (0: off)"),
     "quantize": (lambda v: v in QUANTIZE_FORMATS, f"one of {', '.join(QUANTIZE_FORMATS)}"),
@@ -125,6 +130,9 @@ CROSS_RULES = (
     (("unique", "sparse_share"),
      lambda s: s["sparse_share"] is None or s["unique"] == "sparse",
      "--sparse_share needs --unique=sparse"),
+    (("unique", "sparse_masks"),
+     lambda s: s["sparse_masks"] == "fixed" or s["unique"] == "sparse",
+     "--sparse_masks=gradual prunes sparse unique parts; it needs --unique=sparse"),
     (("sequential", "calibration_batches"),
      lambda s: not (s["sequential"] and not s["calibration_batches"]),
      "--sequential fits each layer on calibration data; set --calibration_batches > 0"),
@@ -172,6 +180,7 @@ class RunConfig(RecoveryConfig):
     sparse_share: float | None = None
     objective: str = "auto"
     sequential: bool = False
+    sparse_masks: str = "fixed"
     calibration_batches: int = 8
     prune_sparsity: float = 0.0
     quantize: str = "none"

@@ -14,6 +14,7 @@ import time
 
 from micik_tf import files
 from micik_tf.compression import recalibrate_batchnorm
+from micik_tf.compression.sparse import fill_residuals
 from micik_tf.job import outputs
 from micik_tf.job.config import OPTIMIZER_CHANGES, PRUNING_MODE, QAT_FRACTION, UsageError
 from micik_tf.job.data import load_data
@@ -56,6 +57,8 @@ def run(config, strategy=None):
     # jobs on one teacher) may skip its evaluation.
     teacher_accuracy = trainer.evaluate(teacher, data.test) if config.evaluate_teacher else None
     accuracy_before = _accuracy_before(config, trainer, student, data)
+    if config.sparse_masks == "gradual":
+        _start_from_residuals(config, student, teacher, data, strategy)
     resumed_from, history = _recover(config, trainer, data, workspace)
     student_accuracy = trainer.evaluate(student, data.test)
     trainer.cleanup()
@@ -101,10 +104,11 @@ def _trainer(config, teacher, student, data, strategy):
     except ValueError as error:  # e.g. a --student with no factorized layer to prune
         raise UsageError(f"--prune_sparsity/--quantize: {error}") from None
     before_validation = None
-    if config.mode == PRUNING_MODE:
-        # Pruning shifts every pruned layer's outputs; the baseline gets its
-        # BatchNorm statistics re-estimated before each validation, as
-        # compress() does for a factorized student.
+    if config.mode == PRUNING_MODE or config.sparse_masks == "gradual":
+        # Pruning shifts every pruned layer's outputs; the baseline (and a
+        # gradually pruned sparse part) gets its BatchNorm statistics
+        # re-estimated before each validation, as compress() does for a
+        # factorized student.
         def before_validation():
             recalibrate_batchnorm(student, data.calibration, BATCHNORM_BATCHES)
 
@@ -124,6 +128,14 @@ def _pruner(config, student, total_steps):
     """
     from micik_tf.deploy import pruning
 
+    if config.sparse_masks == "gradual":
+        # Made while the sparse parts hold their budget: it prunes back to it.
+        pruner = pruning.from_residuals(student, total_steps)
+        if pruner is None:
+            raise UsageError("--sparse_masks=gradual: the student has no sparse unique "
+                             "part (compress with --unique=sparse and a --sparse_share "
+                             "above 0).")
+        return pruner
     if config.mode != PRUNING_MODE and not config.prune_sparsity:
         # A sparse student's zeros are its masks (compress(unique="sparse")):
         # kept through recovery. None for any other student.
@@ -137,6 +149,21 @@ def _pruner(config, student, total_steps):
         raise UsageError(f"--mode={PRUNING_MODE}: {error}") from None
     return pruning.MagnitudePruner(student, pruning.gradual_schedule(target, total_steps),
                                    include_dense_kernels=True, scope="lamp")
+
+
+def _start_from_residuals(config, student, teacher, data, strategy):
+    """`--sparse_masks=gradual`: recovery starts from the student with its
+    sparse parts dense (the teacher's function again, `fill_residuals`), and
+    its pruner takes them back to the budget. A resumed run's checkpoint
+    then replaces these weights."""
+    with strategy.scope():
+        try:
+            filled = fill_residuals(student, teacher)
+        except ValueError as error:
+            raise UsageError(f"--sparse_masks=gradual: {error}") from None
+        recalibrate_batchnorm(student, data.calibration, BATCHNORM_BATCHES)
+    _log(config, f"{filled} sparse parts start dense (the teacher's residuals), "
+                 "pruned back to the budget during recovery")
 
 
 def _accuracy_before(config, trainer, student, data):

@@ -302,6 +302,11 @@ class _Factorized(keras.layers.Layer):
         """The layer's kernel from its `m x n` matrix."""
         return matrix.reshape(self.kernel_shape())
 
+    def matrix_from_kernel(self, kernel):
+        """The inverse of `kernel_from_matrix`: the `m x n` matrix of a kernel
+        of this layer's shape."""
+        return np.asarray(kernel).reshape(self.kernel_rows, self.units)
+
     def count_own_params(self):
         """Parameters of this layer's own factors and bias (a held basis is
         the group's, counted once there)."""
@@ -627,6 +632,10 @@ class FactorizedEinsumDense(_Factorized):
     def kernel_from_matrix(self, matrix):
         kernel = matrix.reshape(self._contracted_dims + self._rest)
         return np.transpose(kernel, self._to_kernel)
+
+    def matrix_from_kernel(self, kernel):
+        return np.transpose(np.asarray(kernel), np.argsort(self._to_kernel)).reshape(
+            self.kernel_rows, self.units)
 
     def bias_shape(self):
         return self.bias_shape_
