@@ -276,6 +276,8 @@ def test_the_recovery_job_prunes_filled_residuals_back_to_the_budget(tmp_path, t
         (dict(ranks={"c1": (0, 0)}), "needs unique='sparse'"),
         (dict(unique="sparse", ratio=30, ranks={"c1": (0, 12), "c2": (0, 12)}),
          "`ranks` alone take"),
+        (dict(unique="sparse", ratio=6, sparse_share=0.99, min_rank=4),
+         "sparse_share=0.99 leaves the low-rank parts 1% of the budget"),
     ],
 )
 def test_bad_input_gets_one_line(kwargs, message):

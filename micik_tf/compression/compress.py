@@ -497,6 +497,12 @@ def _allocate_sparse(grouped, kernels, metrics, params_before, fixed, ratio, mod
                                  fixed + nonzero_share * budget, ratio, mode, min_rank, seed,
                                  lambda message: None, objective, clock)
             except ValueError:
+                if share is not None:
+                    raise ValueError(
+                        f"sparse_share={share:g} leaves the low-rank parts "
+                        f"{(1 - share):.0%} of the budget, too little for their "
+                        "minimum ranks at this ratio. Raise `sparse_share` (1: no "
+                        "low-rank part), lower `min_rank`, or lower `ratio`.") from None
                 continue  # the minimum ranks do not fit in this share
         with clock("factorizing"):
             factorization = _factorize(grouped, plan, kernels, metrics, seed)
