@@ -205,6 +205,24 @@ def test_the_recovery_job_keeps_the_masks(tmp_path, teacher_file):
     assert abs(report["ratio"] - 3) < 0.1
 
 
+@pytest.mark.parametrize("sequential", [False, True])
+def test_inputs_that_are_always_zero_get_no_nonzeros(sequential):
+    """The gains are measured in the covariance without its damping: an input
+    channel that is always zero changes no output, whatever its weights."""
+    model = _cnn()
+    data = _x()
+    data[..., 0] = 0.0
+    # Large weights there: damped, the dead channel's entries would win.
+    kernel = np.asarray(model.get_layer("c1").kernel).copy()
+    kernel[:, :, 0, :] *= 100.0
+    model.get_layer("c1").kernel.assign(kernel)
+    student = micik_tf.compress(model, ratio=4, unique="sparse", sparse_share=0.5,
+                                calibration_data=data, sequential=sequential, verbose=0)
+    assert sum(layer.nonzeros() for layer in _wrappers(student).values())
+    kernel = np.asarray(_wrappers(student)["c1"].sparse_kernel).reshape(3, 3, 3, 12)
+    assert not np.count_nonzero(kernel[:, :, 0, :])
+
+
 def test_filled_residuals_give_back_the_original_and_prune_back_to_the_budget():
     model = _cnn()
     x = _x(8)

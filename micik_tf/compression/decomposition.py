@@ -197,6 +197,9 @@ class InputMetric:
 
     factor: np.ndarray
     covariance: np.ndarray | None
+    # What was added to the covariance's diagonal before factoring (so that
+    # `P` is invertible); `sparse_scores` takes it back out.
+    floor: float = 0.0
 
     @property
     def diagonal(self):
@@ -217,7 +220,7 @@ class InputMetric:
         if covariance.ndim == 1:
             floor = damping * max(float(np.mean(np.abs(covariance))), 1e-12)
             damped = np.maximum(covariance, 0) + floor
-            return cls(np.sqrt(damped).astype(np.float32), kept)
+            return cls(np.sqrt(damped).astype(np.float32), kept, floor)
         # Symmetrized and damped in float64, relative to the mean eigenvalue
         # (the trace over m), in place on the one float64 copy.
         damped = covariance + covariance.T
@@ -234,7 +237,7 @@ class InputMetric:
             damped = (damped + damped.T) / 2
             damped[np.diag_indices_from(damped)] += floor + 1e-6 * np.mean(np.diag(damped) + floor)
             factor = scipy.linalg.cholesky(damped, lower=False)
-        return cls(factor.astype(np.float32), kept)
+        return cls(factor.astype(np.float32), kept, floor)
 
     @classmethod
     def pooled(cls, covariances, damping=1e-2):
@@ -399,6 +402,11 @@ def factorize(matrix, rank_unique, basis=None, side="input", metric=None, seed=0
     return factors
 
 
+# An input whose energy is below this share of the metric's damping counts as
+# always zero in `sparse_scores`.
+DEAD_INPUT = 1e-4
+
+
 def sparse_scores(residual, metric=None):
     """What keeping each entry of a residual `R` alone gains in the metric,
     flat, float64: `||P R||^2 - min_s ||P (R - s e_ij)||^2 = (C R)_ij^2 / C_ii`
@@ -408,15 +416,27 @@ def sparse_scores(residual, metric=None):
     `C_ii R_ij^2`, input `i`'s variance times the squared entry (Wanda's
     score, Sun et al. 2023). With a full one the cross terms count: an entry
     of a residual that the metric cannot see gains nothing.
+
+    `C` is the covariance itself, without the metric's damping (`floor`):
+    damped, an input that is always zero (a kernel tap that sees only
+    padding, a dead channel) would score `floor * R_ij^2`, and win nonzeros
+    where the low-rank part, fit in the metric, left its whole weight, though
+    they change no output.
     """
     r = np.asarray(residual, dtype=np.float64)
     if metric is None:
         return np.square(r).ravel()
+    floor = float(metric.floor)
     if metric.diagonal:
-        return np.square(metric.factor.astype(np.float64)[:, None] * r).ravel()
+        energy = np.maximum(np.square(metric.factor.astype(np.float64)) - floor, 0.0)
+        return (energy[:, None] * np.square(r)).ravel()
     p = metric.factor.astype(np.float64)
-    gradient = p.T @ (p @ r)  # C R
-    return (np.square(gradient) / np.sum(np.square(p), axis=0)[:, None]).ravel()
+    gradient = p.T @ (p @ r) - floor * r  # C R
+    energy = (np.sum(np.square(p), axis=0) - floor)[:, None]  # C_ii
+    # Below this an input's energy is the float32 factor's rounding: none.
+    seen = energy > DEAD_INPUT * max(floor, 1e-30)
+    return np.divide(np.square(gradient), energy, out=np.zeros_like(gradient),
+                     where=seen).ravel()
 
 
 def sparse_part(residual, nonzeros, metric=None):
