@@ -142,6 +142,25 @@ def test_a_failure_midway_leaves_old_artifacts_and_no_temporaries(tmp_path):
     assert (tmp_path / "model.keras").read_bytes() == b"an earlier export"
 
 
+def test_an_int8_file_that_xnnpack_refuses_gets_one_line_and_no_file(tmp_path):
+    """A branch whose output is zero on every representative input gets a
+    zero calibrated range, and XNNPACK (LiteRT's default CPU delegate, on
+    phones too) then refuses the file's int8 ADD."""
+    inputs = keras.Input((6,))
+    silent = keras.layers.Dense(8, use_bias=False, name="silent")
+    model = keras.Model(inputs, keras.layers.Add()([keras.layers.Dense(8)(inputs),
+                                                    silent(inputs)]))
+    kernel = np.zeros((6, 8), "float32")
+    kernel[3:] = 1.0
+    silent.kernel.assign(kernel)
+    x = np.random.default_rng(0).normal(size=(32, 6)).astype("float32")
+    x[:, 3:] = 0.0  # the only inputs the silent branch reads
+    with pytest.raises(ValueError, match="does not run under LiteRT's XNNPACK") as error:
+        export(model, tmp_path, formats=["tflite_int8"], representative_data=x, check_data=x)
+    assert "\n" not in str(error.value)
+    assert os.listdir(tmp_path) == []
+
+
 def test_a_failure_while_moving_into_place_restores_every_old_artifact(tmp_path, monkeypatch):
     """All or nothing: the moves happen last, and if the second one fails the
     first is undone, so the folder holds exactly the earlier export."""

@@ -118,7 +118,18 @@ def run_artifact(fmt, path, x):
         serving = tf.saved_model.load(path).signatures["serving_default"]
         (name,) = serving.structured_input_signature[1]
         return run_batches(lambda b: _single(serving(**{name: tf.constant(b)})), x)
-    return _run_tflite(path, x)
+    try:
+        return _run_tflite(path, x)
+    except RuntimeError as error:
+        if "XNNPACK" not in str(error):
+            raise
+        # LiteRT's default CPU delegate, which a phone's interpreter uses too.
+        raise ValueError(
+            f"Format {fmt!r}: the converted file does not run under LiteRT's "
+            f"XNNPACK delegate ({str(error).strip().splitlines()[0][:160]}). The usual "
+            "cause is a tensor whose calibrated range is zero: a part of the model "
+            "whose output is zero on all the representative data. Give more "
+            "varied representative data, or leave this format out.") from None
 
 
 def _single(outputs):
