@@ -130,6 +130,18 @@ def test_a_resume_with_other_settings_names_each_difference(tmp_path):
     assert "--allow_changes=epochs,learning_rate" in message
 
 
+def test_a_run_recorded_before_a_setting_existed_resumes_at_its_default(tmp_path):
+    _started(tmp_path, epochs=1)
+    run_file = tmp_path / "run" / "run.json"
+    recorded = json.loads(run_file.read_text())
+    del recorded["fingerprint"]["sparse_masks"]
+    run_file.write_text(json.dumps(recorded))
+    with pytest.raises(UsageError, match="--sparse_masks: None there, 'gradual' now"):
+        Workspace.open(_config(tmp_path, epochs=1, unique="sparse", sparse_masks="gradual"),
+                       _strategy())
+    assert Workspace.open(_config(tmp_path, epochs=1), _strategy()).resuming
+
+
 def test_allowed_changes_are_recorded(tmp_path):
     _started(tmp_path, epochs=1)
     workspace = Workspace.open(_config(tmp_path, epochs=3, allow_changes=("epochs",)), _strategy())

@@ -81,9 +81,13 @@ class Workspace:
             files.write_json(run_file, {"fingerprint": mine, "changes": self.changes})
 
     def _accept(self, theirs, mine):
-        """Refuses a resume whose settings differ, except for allowed changes."""
+        """Refuses a resume whose settings differ, except for allowed changes.
+        A setting the recorded run predates is no difference at its default:
+        the run was made as that default makes it."""
+        defaults = type(self.config)(model_dir=self.model_dir).fingerprint()
         differ = {k: (theirs.get(k), mine.get(k)) for k in sorted(set(theirs) | set(mine))
-                  if theirs.get(k) != mine.get(k)}
+                  if theirs.get(k) != mine.get(k)
+                  and not (k not in theirs and k in defaults and mine.get(k) == defaults[k])}
         refused = {k: v for k, v in differ.items() if k not in self.config.allow_changes}
         if refused:
             detail = "; ".join(f"--{k}: {a!r} there, {b!r} now" for k, (a, b) in refused.items())
