@@ -82,6 +82,8 @@ METHODS = {
     # recovery, as the pruning baseline prunes the teacher (same student).
     "micik_sparse_gradual": dict(mode="micik", unique="sparse", sequential=True,
                                  sparse_masks="gradual"),
+    # W_l ~= B_g A_l + S_l: the unique part sparse instead of low-rank.
+    "micik_common_sparse": dict(mode="common_only", unique="sparse", sequential=True),
     "micik_log_energy": dict(mode="micik", objective="log_energy", sequential=True),
     "micik_no_unique": dict(mode="common_only", sequential=True),
 }
@@ -97,12 +99,14 @@ ABLATIONS = (
     ("micik_sparse", "micik_sparse_no_sequential", "sequential calibration (sparse)"),
     ("micik_sparse", "micik", "sparse unique part"),
     ("micik_sparse", "micik_sparse_gradual", "masks fixed at compress() (vs pruned gradually)"),
+    ("micik_sparse", "micik_common_sparse", "low-rank unique part beside the sparse one"),
     ("micik", "micik_log_energy", "sum-of-errors allocator (vs log-energy)"),
     ("micik", "micik_no_unique", "unique part"),
     ("micik", "micik_no_common", "common part"),
 )
 ABLATION_METHODS = ("micik_no_sequential", "micik_sparse_no_sequential", "micik_sparse_gradual",
-                    "micik_log_energy", "micik_no_unique", "micik_no_common")
+                    "micik_common_sparse", "micik_log_energy", "micik_no_unique",
+                    "micik_no_common")
 CORE = ("micik", "micik_sparse", "per_layer", "pruning", "channels", "tfmot", "thin",
         "thin_teacher_budget")
 # The long budget (15 epochs) exceeds the teacher's 12: its thin network
@@ -112,7 +116,7 @@ FULL_METHODS = ("micik", "micik_sparse", "per_layer", "pruning", "channels", "th
                 "thin_teacher_budget")
 # Which method's tuned learning rate each uses.
 LR_OF = {"thin_teacher_budget": "thin", "micik_sparse_no_sequential": "micik_sparse",
-         "micik_sparse_gradual": "micik_sparse",
+         "micik_sparse_gradual": "micik_sparse", "micik_common_sparse": "micik_sparse",
          **{m: "micik" for m in ("micik_no_sequential", "micik_log_energy", "micik_no_unique")}}
 TUNED = ("micik", "micik_sparse", "per_layer", "pruning", "channels", "tfmot", "thin")
 LR_GRID = (5e-4, 2e-3, 5e-3)
