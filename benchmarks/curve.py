@@ -233,13 +233,9 @@ def run_suite(protocol, output_dir, log=print, workers=1, work_name=".curve_work
     # The teacher, the compressed students, the tuned learning rates and the
     # rows stay (a rerun re-renders at once); a killed run's checkpoints go.
     results = suite.results()
-    if methods:
-        everything = _Suite(protocol, work, log)
-        pending = sum(len(everything.pending(phase)) for phase in ("tune", "cells")
-                      if phase != "tune" or protocol.tune)
-        if pending:
-            results["partial"] = {"runs_done": len(suite.rows),
-                                  "runs_planned": len(suite.rows) + pending}
+    partial = suite.partial()
+    if partial["runs_planned"] > partial["runs_done"]:  # only with `methods`
+        results["partial"] = partial
     return results, os.path.join(work, "runs")
 
 
@@ -255,9 +251,7 @@ def progress(protocol, output_dir):
     if not os.path.exists(os.path.join(suite.teacher_dir, "teacher.json")):
         raise ValueError(f"no trained teacher in {work}: start the suite first")
     suite.teacher()
-    pending = len(suite.pending("cells")) + (len(suite.pending("tune")) if protocol.tune else 0)
-    done = len(suite.rows)
-    return dict(suite.results(), partial={"runs_done": done, "runs_planned": done + pending}), None
+    return dict(suite.results(), partial=suite.partial()), None
 
 
 def _run_workers(protocol, output_dir, phase, workers, log, work_name=".curve_work",
@@ -367,9 +361,10 @@ class _Suite:
 
     # -- learning rates ---------------------------------------------------------------
 
-    def pending(self, phase):
+    def pending(self, phase, every_method=False):
         """The runs of `phase` not done yet, in a fixed order: the tuning
-        trials, or the cells seed by seed (so early rows cover every method)."""
+        trials, or the cells seed by seed (so early rows cover every method);
+        only the methods to run now unless `every_method`."""
         p = self.protocol
         if phase == "tune":
             regime, ratio = p.tune_at
@@ -381,7 +376,13 @@ class _Suite:
                     for ratio in r.ratios for m in r.methods if m not in ALIASES]
         done = self.done(phase)
         return [k for k in keys if k not in done
-                and (self.methods is None or k[1] in self.methods)]
+                and (every_method or self.methods is None or k[1] in self.methods)]
+
+    def partial(self):
+        """`{"runs_done", "runs_planned"}` over every method of the protocol."""
+        phases = ("tune", "cells") if self.protocol.tune else ("cells",)
+        pending = sum(len(self.pending(phase, every_method=True)) for phase in phases)
+        return {"runs_done": len(self.rows), "runs_planned": len(self.rows) + pending}
 
     def run(self, phase, worker=None, workers=1):
         """Runs the pending runs of `phase` (this worker's share of them)."""

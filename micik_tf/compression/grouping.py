@@ -48,7 +48,7 @@ class Site:
     @property
     def owner(self):
         """The (nested) graph model the site belongs to."""
-        return self.block[:-1] if self.block else self.path[:-1]
+        return owner_of(self.path, self.block)
 
     @property
     def held(self):
@@ -122,6 +122,26 @@ class Site:
     def bias_params(self):
         bias = getattr(self.layer, "bias", None)
         return 0 if bias is None else int(np.prod(bias.shape))
+
+
+def owner_of(path, block):
+    """The path of the (nested) graph model that a layer at `path` belongs
+    to; for a layer held in a composite layer (`block`: the composite's
+    path), the composite's model."""
+    return block[:-1] if block else path[:-1]
+
+
+def graph_bases(model):
+    """`{(owner path, name): SharedBasis}` of the basis layers in `model`'s
+    graphs (those a group's members do not hold themselves)."""
+    return {(path[:-1], layer.name): layer for layer, path, _, _ in walk_deep(model)
+            if isinstance(layer, SharedBasis)}
+
+
+def basis_layer(layer, owner, bases):
+    """The `SharedBasis` whose basis the factorized `layer` multiplies: the
+    one it holds, else its group's among `bases` (`graph_bases`) in `owner`."""
+    return layer.shared_basis or bases[(owner, layer.group)]
 
 
 def is_graph_model(model):

@@ -7,7 +7,8 @@ import numpy as np
 import keras
 
 from micik_tf.compression import decomposition
-from micik_tf.compression.grouping import untouched_reason, walk_deep
+from micik_tf.compression.grouping import (basis_layer, graph_bases, owner_of, untouched_reason,
+                                           walk_deep)
 from micik_tf.layers import FACTORIZED, SharedBasis
 
 _WRAPPERS = FACTORIZED
@@ -127,25 +128,25 @@ def report(model, reference=None):
     reference_layers = {}
     if reference is not None:
         reference_layers = {"/".join(p): l for l, p, _, _ in walk_deep(reference)}
-    graph_bases, wrappers, untouched = {}, [], []
+    bases_in_graph, wrappers, untouched = graph_bases(model), [], []
     for layer, path, block, _ in walk_deep(model):
         name = "/".join(path)
         if isinstance(layer, SharedBasis):
-            graph_bases[(path[:-1], layer.name)] = layer
-        elif isinstance(layer, _WRAPPERS):
-            wrappers.append((layer, path, block[:-1] if block else path[:-1]))
+            continue
+        if isinstance(layer, _WRAPPERS):
+            wrappers.append((layer, path, owner_of(path, block)))
         elif layer.weights:
             untouched.append({"name": name, "reason": untouched_reason(layer) or LEFT_WHOLE})
 
     # Each group by its basis layer: a graph node, or held by its members.
-    bases = {id(b): ("/".join(owner + (b.name,)), b) for (owner, _), b in graph_bases.items()}
+    bases = {id(b): ("/".join(owner + (b.name,)), b) for (owner, _), b in bases_in_graph.items()}
     members, ranks = {key: [] for key in bases}, {}  # a group's r_c, as its members use it
     layers, before, after_factored, zeros = [], 0, 0, 0
     for layer, path, owner in wrappers:
         name = "/".join(path)
         basis = None
         if layer.rank_common:
-            held = layer.shared_basis or graph_bases[(owner, layer.group)]
+            held = basis_layer(layer, owner, bases_in_graph)
             key = id(held)
             if key not in bases:
                 bases[key] = ("/".join(owner + (held.name,)), held)

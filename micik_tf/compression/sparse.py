@@ -36,8 +36,8 @@ import numpy as np
 
 from micik_tf.compression import allocation as alloc
 from micik_tf.compression import decomposition
-from micik_tf.compression.grouping import walk_deep
-from micik_tf.layers import FACTORIZED, SharedBasis
+from micik_tf.compression.grouping import basis_layer, graph_bases, owner_of, walk_deep
+from micik_tf.layers import FACTORIZED
 
 # The nonzeros' shares of the budget that the split search tries. MICIK.md
 # section 6 measured the best fixed share on VGG-16 between 25% and 50% at 8x
@@ -133,8 +133,7 @@ def fill_residuals(model, original):
     """
     kernels = {"/".join(path): layer for layer, path, _, _ in walk_deep(original)
                if getattr(layer, "kernel", None) is not None}
-    bases = {(path[:-1], layer.name): layer for layer, path, _, _ in walk_deep(model)
-             if isinstance(layer, SharedBasis)}
+    bases = graph_bases(model)
     filled = 0
     for layer, path, block, _ in walk_deep(model):
         if not (isinstance(layer, FACTORIZED) and layer.sparse):
@@ -148,8 +147,7 @@ def fill_residuals(model, original):
                 "compressed from.")
         basis = None
         if layer.rank_common:
-            owner = block[:-1] if block else path[:-1]
-            held = layer.shared_basis or bases[(owner, layer.group)]
+            held = basis_layer(layer, owner_of(path, block), bases)
             basis = keras.ops.convert_to_numpy(held.basis)
         gap = keras.ops.convert_to_numpy(source.kernel) - layer.reconstruct_kernel(basis)
         layer.sparse_kernel.assign(
