@@ -22,6 +22,14 @@ tfmot's cells run in a tf_keras subprocess and keep no file here: their
 `.tflite` has the teacher's dense shape, like LAMP pruning's, whose figures
 stand for both.
 
+The exported files are not committed (tens of MB). Where a cell's run left
+none on this machine (it ran in another session), the cell is measured on
+the same export of the student it started recovery from (`files:
+"starting student"` on its row): latency and runtime memory depend on the
+graph and its tensor shapes, which recovery does not change, not on the
+trained values. Bytes are always the ones its run recorded for its own
+files (seed 0), since gzip does depend on the values.
+
     python tools/benchmark.py --suite=deploy_axes
 """
 
@@ -66,52 +74,72 @@ def _measure(name, work, accuracy, smoke, log):
     from micik_tf.deploy import latency, memory
     from micik_tf.deploy.checks import gzip_size
 
-    cells = _cells(work)
-    cells["teacher"] = _teacher_files(name, work, accuracy)
+    suite = _suite_state(name, work, accuracy)
+    cells, origins = _cells(suite, accuracy, log)
+    cells["teacher"] = _teacher_files(suite)
     sample = _sample(name, accuracy)
     blocks = 3 if smoke else latency.BLOCKS
     measured = {cell: {} for cell in cells}
     for fmt in FORMATS:
         paths = {cell: files[fmt] for cell, files in cells.items()}
+        # A file that several cells share (a starting student) is timed once.
+        distinct = {path: path for path in paths.values()}
         for threads in THREADS:
-            log(f"deploy_axes: {name} {fmt}: latency of {len(paths)} files, {threads} thread(s)")
-            for cell, stats in latency.latencies(paths, sample, threads, blocks=blocks).items():
-                measured[cell][f"{fmt}_latency_{threads}"] = stats
+            log(f"deploy_axes: {name} {fmt}: latency of {len(distinct)} files, "
+                f"{threads} thread(s)")
+            stats = latency.latencies(distinct, sample, threads, blocks=blocks)
+            for cell, path in paths.items():
+                measured[cell][f"{fmt}_latency_{threads}"] = stats[path]
         log(f"deploy_axes: {name} {fmt}: runtime memory")
-        found = memory.runtime_memory(paths, repeats=1 if smoke else 3)
-        for cell, value in found["bytes"].items():
-            measured[cell][f"{fmt}_memory_bytes"] = value
+        found = memory.runtime_memory(distinct, repeats=1 if smoke else 3)["bytes"]
         for cell, path in paths.items():
-            measured[cell][f"{fmt}_bytes"] = os.path.getsize(path)
-            measured[cell][f"{fmt}_gzip_bytes"] = gzip_size(path)
-    macs = _macs(name, work, cells, accuracy)
+            measured[cell][f"{fmt}_memory_bytes"] = found[path]
+    teacher = {fmt: path for fmt, path in cells["teacher"].items()}
+    measured["teacher"].update({f"{fmt}_{kind}": size for fmt, path in teacher.items()
+                                for kind, size in (("bytes", os.path.getsize(path)),
+                                                   ("gzip_bytes", gzip_size(path)))})
+    macs = _macs(suite, cells)
     rows = []
     for cell in cells:
-        regime, method, ratio = ("teacher", "teacher", 1.0) if cell == "teacher" else _parse(cell)
-        rows.append(dict(regime=regime, method=method, ratio=ratio, macs=macs.get(cell),
-                         **_accuracy(accuracy, regime, method, ratio), **measured[cell]))
+        if cell == "teacher":
+            rows.append(dict(regime="teacher", method="teacher", ratio=1.0, files="exported",
+                             macs=macs["teacher"], **_accuracy(accuracy, "teacher", None, None),
+                             **measured[cell]))
+            continue
+        recorded = _seed0_row(accuracy, *cell)
+        sizes = {f"{fmt}_{kind}": recorded[f"tflite_{fmt}_{kind}"] for fmt in FORMATS
+                 for kind in ("bytes", "gzip_bytes")}
+        rows.append(dict(regime=cell[0], method=cell[1], ratio=cell[2], files=origins[cell],
+                         macs=macs.get(cell), **_accuracy(accuracy, *cell), **sizes,
+                         **measured[cell]))
     return {"rows": _with_ratios(rows), "memory_method": memory.METHOD,
             "teacher_accuracy": accuracy["teacher"]["accuracy"],
             "regime": next((r for r in REGIME_PREFERENCE if any(
                 row["regime"] == r for row in rows)), None)}
 
 
-def _cells(work):
-    """`{cell: {format: path}}` for each exported cell with both files."""
-    folder = os.path.join(work, "exports")
-    cells = {}
-    for cell in sorted(os.listdir(folder)):
-        paths = {fmt: os.path.join(folder, cell, file) for fmt, file in FORMATS.items()}
-        if cell != "teacher" and all(os.path.exists(p) for p in paths.values()):
-            cells[cell] = paths
-    return cells
+def _cells(suite, accuracy, log):
+    """`({cell: {format: path}}, {cell: origin})` for each seed-0 cell of the
+    accuracy rows but tfmot's, a cell being `(regime, method, ratio)`: the
+    files its run kept, else those of its starting student (`_starting_files`)."""
+    cells, origins = {}, {}
+    for row in accuracy["rows"]:
+        if row["seed"] != 0 or row["method"] == "tfmot" or row.get("accuracy") is None \
+                or row.get("same_run_as"):
+            continue
+        cell = (row["regime"], row["method"], row["ratio"])
+        kept = os.path.join(suite.work, "exports", f"{cell[0]}-{cell[1]}-{cell[2]:g}")
+        paths = {fmt: os.path.join(kept, file) for fmt, file in FORMATS.items()}
+        if all(os.path.exists(p) for p in paths.values()):
+            cells[cell], origins[cell] = paths, "exported"
+        else:
+            cells[cell], origins[cell] = _starting_files(suite, cell, log), "starting student"
+    return cells, origins
 
 
-def _parse(cell):
-    regime, rest = (cell.split("-", 1) if not cell.startswith("limited_long") else
-                    ("limited_long", cell[len("limited_long-"):]))
-    method, ratio = rest.rsplit("-", 1)
-    return regime, method, float(ratio)
+def _seed0_row(accuracy, regime, method, ratio):
+    return next(r for r in accuracy["rows"] if r["seed"] == 0 and r["phase"] == "cells"
+                and (r["regime"], r["method"], r["ratio"]) == (regime, method, ratio))
 
 
 def _suite_state(name, work, accuracy):
@@ -127,21 +155,56 @@ def _suite_state(name, work, accuracy):
     return suite
 
 
-def _teacher_files(name, work, accuracy):
+def _teacher_files(suite):
     """The teacher's float32 and int8 files, exported once into exports/teacher."""
-    import micik_tf
     from micik_tf import files
+
+    folder = os.path.join(suite.work, "exports", "teacher")
+    return _export_once(suite, lambda: files.load_model(suite.teacher_info["path"]), folder)
+
+
+def _export_once(suite, load, folder):
+    """`{format: path}` of `load()`'s files in `folder`, exported if missing
+    (int8 calibrated on the training split, as the cells' exports are)."""
+    import micik_tf
     from micik_tf.recovery import pipeline
 
-    folder = os.path.join(work, "exports", "teacher")
     paths = {fmt: os.path.join(folder, file) for fmt, file in FORMATS.items()}
     if not all(os.path.exists(p) for p in paths.values()):
-        suite = _suite_state(name, work, accuracy)
-        teacher = files.load_model(suite.teacher_info["path"])
         representative, _ = pipeline.to_arrays(suite.data().train, 128)
-        micik_tf.export(teacher, folder, formats=("tflite", "tflite_int8"),
+        micik_tf.export(load(), folder, formats=("tflite", "tflite_int8"),
                         representative_data=representative, overwrite=True)
     return paths
+
+
+def _starting_model(suite, regime, method, ratio):
+    """The path of the Keras model `method`'s cell started recovery from, or
+    None for pruning (the teacher's own graph: its zeros are still stored)."""
+    from benchmarks import curve
+
+    settings = dict(curve.METHODS.get(method) or {})
+    fraction = suite.protocol.regime(regime).train_fraction
+    if settings.get("thin"):
+        return suite._thin_student(ratio)
+    if settings.get("channels"):
+        return suite._channels_student(fraction, ratio)
+    if settings.get("mode", "magnitude_pruning") == "magnitude_pruning":
+        return None
+    return suite._compressed(fraction, settings, ratio)
+
+
+def _starting_files(suite, cell, log):
+    """The float32 and int8 files of the cell's starting student, exported once
+    into exports-start/ (the teacher's for pruning)."""
+    from micik_tf import files
+
+    path = _starting_model(suite, *cell)
+    if path is None:
+        return _teacher_files(suite)
+    folder = os.path.join(suite.work, "exports-start", os.path.basename(path)[:-len(".keras")])
+    log(f"deploy_axes: {'-'.join(map(str, cell))}: no kept export here; measuring the "
+        "starting student's")
+    return _export_once(suite, lambda: files.load_model(path), folder)
 
 
 def _sample(name, accuracy):
@@ -151,36 +214,24 @@ def _sample(name, accuracy):
     return np.random.default_rng(0).random(shape).astype("float32")
 
 
-def _macs(name, work, cells, accuracy):
+def _macs(suite, cells):
     """Multiply-adds per example of the model each cell recovered from."""
     from micik_tf import files
     from micik_tf.deploy.macs import forward_macs
-    from benchmarks import curve
 
-    suite = _suite_state(name, work, accuracy)
     teacher = forward_macs(files.load_model(suite.teacher_info["path"]))["total"]
     out = {"teacher": teacher}
     for cell in cells:
-        if cell == "teacher":
-            continue
-        regime, method, ratio = _parse(cell)
-        settings = dict(curve.METHODS.get(method) or {})
-        fraction = suite.protocol.regime(regime).train_fraction
-        if settings.get("thin"):
-            path = suite._thin_student(ratio)
-        elif settings.get("channels"):
-            path = suite._channels_student(fraction, ratio)
-        elif settings.get("mode", "magnitude_pruning") == "magnitude_pruning":
-            out[cell] = teacher  # dense kernels with zeros: the teacher's work
-            continue
-        else:
-            path = suite._compressed(fraction, settings, ratio)
-        out[cell] = forward_macs(files.load_model(path))["total"] if path else None
+        if cell != "teacher":
+            path = _starting_model(suite, *cell)
+            # Pruning's dense kernels with zeros: the teacher's work.
+            out[cell] = teacher if path is None else (
+                forward_macs(files.load_model(path))["total"] if path else None)
     return out
 
 
 def _accuracy(accuracy, regime, method, ratio):
-    if method == "teacher":
+    if regime == "teacher":
         return {"accuracy": accuracy["teacher"]["accuracy"], "accuracy_std": 0.0, "seeds": 1}
     for cell in accuracy["summary"]:
         if (cell["regime"], cell["method"], cell["ratio"]) == (regime, method, ratio) \
@@ -244,6 +295,7 @@ def markdown(result, command):
         lines += ["", f"## {name} ({regime} regime)", "",
                   f"![accuracy against latency, memory and bytes](deploy_axes_{name}.png)", "",
                   f"Runtime memory: {suite['memory_method']}.", "",
+                  _origins(suite), "",
                   "| method | ratio | accuracy | int8 latency 1 / 2 threads | float32 latency 1 / 2 "
                   "threads | int8 memory | float32 memory | int8 gzip'd bytes | MACs |",
                   "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
@@ -278,6 +330,17 @@ def markdown(result, command):
         lines += ["", _leaders(suite)]
     lines.append("")
     return "\n".join(lines)
+
+
+def _origins(suite):
+    """Which files the latency and memory of the cells were measured on."""
+    start = sum(r.get("files") == "starting student" for r in suite["rows"])
+    if not start:
+        return "Every cell was measured on the files its run exported."
+    return (f"{start} of {len(suite['rows']) - 1} cells were measured on the export of the "
+            "student they started recovery from (their runs' files are not kept on this "
+            "machine): latency and memory depend on the graph and tensor shapes, which "
+            "recovery leaves as they are. Bytes are the ones each run recorded.")
 
 
 def _leaders(suite):

@@ -74,6 +74,17 @@ def test_curve_quick_smoke(tmp_path):
     for r in measured:
         assert 0 < r["int8_latency_2"]["median"] <= r["int8_latency_2"]["p90"]
         assert r["int8_memory_bytes"] >= 0 and r["int8_gzip_bytes"] < r["int8_bytes"]
+    assert {r["files"] for r in measured} == {"exported"}
+    # A cell whose run kept no files here (another session ran it) is measured
+    # on its starting student's export; its bytes stay those its run recorded.
+    import shutil
+
+    shutil.rmtree(tmp_path / ".curve_work" / "exports" / "limited-micik-4")
+    again = _smoke("deploy_axes", tmp_path, png="deploy_axes_curve.png")
+    cell = next(r for r in again["suites"]["curve"]["rows"] if r["method"] == "micik")
+    assert cell["files"] == "starting student" and cell["int8_latency_1"]["median"] > 0
+    assert cell["int8_gzip_bytes"] == rows["micik"]["tflite_int8_gzip_bytes"]
+    assert "1 of 7 cells were measured on the export" in (tmp_path / "deploy_axes.md").read_text()
 
 
 def test_curve_runs_only_the_methods_asked_for_and_keeps_the_rest_pending(tmp_path):
