@@ -75,7 +75,7 @@ def _measure(name, work, accuracy, smoke, log):
     from micik_tf.deploy.checks import gzip_size
 
     suite = _suite_state(name, work, accuracy)
-    cells, origins = _cells(suite, accuracy, log)
+    cells, recorded = _cells(suite, accuracy, log)
     cells["teacher"] = _teacher_files(suite)
     sample = _sample(name, accuracy)
     blocks = 3 if smoke else latency.BLOCKS
@@ -94,8 +94,7 @@ def _measure(name, work, accuracy, smoke, log):
         found = memory.runtime_memory(distinct, repeats=1 if smoke else 3)["bytes"]
         for cell, path in paths.items():
             measured[cell][f"{fmt}_memory_bytes"] = found[path]
-    teacher = {fmt: path for fmt, path in cells["teacher"].items()}
-    measured["teacher"].update({f"{fmt}_{kind}": size for fmt, path in teacher.items()
+    measured["teacher"].update({f"{fmt}_{kind}": size for fmt, path in cells["teacher"].items()
                                 for kind, size in (("bytes", os.path.getsize(path)),
                                                    ("gzip_bytes", gzip_size(path)))})
     macs = _macs(suite, cells)
@@ -106,12 +105,8 @@ def _measure(name, work, accuracy, smoke, log):
                              macs=macs["teacher"], **_accuracy(accuracy, "teacher", None, None),
                              **measured[cell]))
             continue
-        recorded = _seed0_row(accuracy, *cell)
-        sizes = {f"{fmt}_{kind}": recorded[f"tflite_{fmt}_{kind}"] for fmt in FORMATS
-                 for kind in ("bytes", "gzip_bytes")}
-        rows.append(dict(regime=cell[0], method=cell[1], ratio=cell[2], files=origins[cell],
-                         macs=macs.get(cell), **_accuracy(accuracy, *cell), **sizes,
-                         **measured[cell]))
+        rows.append(dict(regime=cell[0], method=cell[1], ratio=cell[2], macs=macs.get(cell),
+                         **_accuracy(accuracy, *cell), **recorded[cell], **measured[cell]))
     return {"rows": _with_ratios(rows), "memory_method": memory.METHOD,
             "teacher_accuracy": accuracy["teacher"]["accuracy"],
             "regime": next((r for r in REGIME_PREFERENCE if any(
@@ -119,10 +114,12 @@ def _measure(name, work, accuracy, smoke, log):
 
 
 def _cells(suite, accuracy, log):
-    """`({cell: {format: path}}, {cell: origin})` for each seed-0 cell of the
-    accuracy rows but tfmot's, a cell being `(regime, method, ratio)`: the
-    files its run kept, else those of its starting student (`_starting_files`)."""
-    cells, origins = {}, {}
+    """`({cell: {format: path}}, {cell: what its row recorded})` for each
+    seed-0 cell of the accuracy rows but tfmot's, a cell being `(regime,
+    method, ratio)`: the files its run kept, else those of its starting
+    student (`_starting_files`); recorded: the files' origin and the bytes
+    its run measured."""
+    cells, recorded = {}, {}
     for row in accuracy["rows"]:
         if row["seed"] != 0 or row["method"] == "tfmot" or row.get("accuracy") is None \
                 or row.get("same_run_as"):
@@ -130,16 +127,12 @@ def _cells(suite, accuracy, log):
         cell = (row["regime"], row["method"], row["ratio"])
         kept = os.path.join(suite.work, "exports", f"{cell[0]}-{cell[1]}-{cell[2]:g}")
         paths = {fmt: os.path.join(kept, file) for fmt, file in FORMATS.items()}
-        if all(os.path.exists(p) for p in paths.values()):
-            cells[cell], origins[cell] = paths, "exported"
-        else:
-            cells[cell], origins[cell] = _starting_files(suite, cell, log), "starting student"
-    return cells, origins
-
-
-def _seed0_row(accuracy, regime, method, ratio):
-    return next(r for r in accuracy["rows"] if r["seed"] == 0 and r["phase"] == "cells"
-                and (r["regime"], r["method"], r["ratio"]) == (regime, method, ratio))
+        kept_here = all(os.path.exists(p) for p in paths.values())
+        cells[cell] = paths if kept_here else _starting_files(suite, cell, log)
+        recorded[cell] = {"files": "exported" if kept_here else "starting student",
+                          **{f"{fmt}_{kind}": row[f"tflite_{fmt}_{kind}"] for fmt in FORMATS
+                             for kind in ("bytes", "gzip_bytes")}}
+    return cells, recorded
 
 
 def _suite_state(name, work, accuracy):
@@ -224,9 +217,9 @@ def _macs(suite, cells):
     for cell in cells:
         if cell != "teacher":
             path = _starting_model(suite, *cell)
-            # Pruning's dense kernels with zeros: the teacher's work.
-            out[cell] = teacher if path is None else (
-                forward_macs(files.load_model(path))["total"] if path else None)
+            # Pruning's dense kernels with zeros: the teacher's work; "": no student.
+            out[cell] = (teacher if path is None else
+                         forward_macs(files.load_model(path))["total"] if path else None)
     return out
 
 
