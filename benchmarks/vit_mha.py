@@ -7,7 +7,12 @@ value and output projections compress() finds inside it
 projections of every block and the feed-forward layers. Beside per-layer
 SVD, the baselines a user would pick instead: LAMP magnitude pruning and the
 thin transformer trained from scratch with distillation; MICIK in both modes
-(low-rank and sparse unique parts). Both limited budgets (3 and 15 epochs on
+(low-rank and sparse unique parts) and in the best mode the curve found
+(`micik_common_sparse_gradual`: shared basis plus a gradually pruned sparse
+part, at the largest nonzero share whose minimum ranks fit: 0.375 at 8x).
+Channel pruning (`micik_tf.prune_channels`) takes chains of layers only, and a
+transformer's residual branches are not one; the thin transformer is the
+structured peer on the latency and memory axes. Both limited budgets (3 and 15 epochs on
 10% of the data), two seeds, every method at the same learning rate (not
 tuned, as for `vit`); the scratch state is `.vit_mha_work/`.
 
@@ -19,7 +24,7 @@ import functools
 
 from benchmarks import curve, vit
 
-METHODS = ("micik", "micik_sparse", "per_layer", "pruning", "thin")
+METHODS = ("micik", "micik_sparse", "per_layer", "pruning", "thin", *curve.BEST_MODES)
 PROTOCOL = dataclasses.replace(
     vit.PROTOCOL, arch="vit_mha",
     regimes=(("limited", curve.Regime(0.1, 3, (2.0, 4.0, 8.0), 2, METHODS)),
