@@ -481,19 +481,25 @@ class _Suite:
         keras.utils.set_random_seed(seed)
         try:
             report = job.run(config)
+        except job.ExportError as error:
+            # Recovery finished; only a file failed its check. The cell keeps
+            # its accuracy, and the row says which file is missing and why.
+            report = error.report
         except job.UsageError as error:
             return {"accuracy": None, "error": str(error)}
         finally:
             keras.backend.clear_session()
+        exports = report["exports"]
         if seed == 0:
             # The files a phone would run, kept for the deployment measurements
             # (latency and memory do not depend on the seed).
             kept = os.path.join(self.work, "exports", f"{regime_name}-{method}-{ratio:g}")
             os.makedirs(kept, exist_ok=True)
             for fmt in ("tflite", "tflite_int8"):
-                shutil.copy(report["exports"][fmt]["path"], kept)
+                if "path" in exports[fmt]:
+                    shutil.copy(exports[fmt]["path"], kept)
         shutil.rmtree(model_dir, ignore_errors=True)
-        int8, float32 = report["exports"]["tflite_int8"], report["exports"]["tflite"]
+        int8, float32 = exports["tflite_int8"], exports["tflite"]
         eligible = [h for h in report["history"] if h.get("best_eligible")]
         best = max(eligible, key=lambda h: (h["val_accuracy"], h["epoch"])) if eligible else {}
         return {
@@ -502,12 +508,15 @@ class _Suite:
             "accuracy": report["student_accuracy"],
             "val_accuracy": best.get("val_accuracy"), "best_epoch": best.get("epoch"),
             "epochs": config.epochs, "steps": report["steps"],
-            "tflite_int8_gzip_bytes": int8["gzip_bytes"], "tflite_int8_bytes": int8["bytes"],
-            "tflite_int8_accuracy": int8["accuracy"],
+            "tflite_int8_gzip_bytes": int8.get("gzip_bytes"), "tflite_int8_bytes": int8.get("bytes"),
+            "tflite_int8_accuracy": int8.get("accuracy"),
             # The int8 file is scored on the first this many test images; the
             # Keras accuracies on the whole test split.
-            "tflite_int8_test_examples": int8["check_examples"],
-            "tflite_float32_bytes": float32["bytes"], "tflite_float32_gzip_bytes": float32["gzip_bytes"],
+            "tflite_int8_test_examples": int8.get("check_examples"),
+            "tflite_float32_bytes": float32.get("bytes"),
+            "tflite_float32_gzip_bytes": float32.get("gzip_bytes"),
+            **{f"{fmt}_error": exports[fmt]["error"] for fmt in ("tflite", "tflite_int8")
+               if "error" in exports[fmt]},
             "wall_seconds": report["wall_seconds"], "git_commit": git_commit(),
         }
 
@@ -726,7 +735,10 @@ def summarize(rows):
             cell[f"{key}_mean"] = statistics.mean(values)
             cell[f"{key}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
         for key in ("params", "achieved_ratio", "tflite_int8_gzip_bytes", "wall_seconds"):
-            cell[key] = statistics.mean(r[key] for r in ok)
+            # A seed whose int8 file failed its check has no bytes (its row
+            # says why); the cell's bytes are the other seeds'.
+            values = [r[key] for r in ok if r.get(key) is not None]
+            cell[key] = statistics.mean(values) if values else None
         summary.append(cell)
     return summary
 
@@ -832,7 +844,7 @@ def markdown(result, command, stem="curve"):
             continue
         lines.append(
             f"| {c['regime']} | {c['ratio']:g} | {c['method']} | {c['params']:,.0f} "
-            f"| {c['tflite_int8_gzip_bytes']:,.0f} "
+            f"| {_bytes(c['tflite_int8_gzip_bytes'])} "
             f"| {c['accuracy_before_recovery_mean']:.4f} ± {c['accuracy_before_recovery_std']:.4f} "
             f"| {c['accuracy_mean']:.4f} ± {c['accuracy_std']:.4f} |")
     lines += [
@@ -917,8 +929,13 @@ def plot(result, path):
     return written + [target]
 
 
+def _bytes(value):
+    return "-" if value is None else f"{value:,.0f}"
+
+
 def _plot_regime(ax, result, regime, key, label):
-    cells = [c for c in result["summary"] if c["regime"] == regime and c["seeds"]]
+    cells = [c for c in result["summary"]
+             if c["regime"] == regime and c["seeds"] and c.get(key) is not None]
     for method in dict.fromkeys(c["method"] for c in cells):
         if method in ALIASES:
             continue

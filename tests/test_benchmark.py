@@ -148,6 +148,21 @@ def test_curve_verdicts_count_only_margins_beyond_the_spread():
     assert worth["part"] == "sequential calibration" and abs(worth["worth_points"] - 3.0) < 1e-9
 
 
+def test_a_seed_whose_int8_file_failed_keeps_its_accuracy_in_the_cell():
+    from benchmarks import curve
+
+    rows = [{"regime": "limited", "method": "micik", "ratio": 64.0, "seed": seed,
+             "accuracy": accuracy, "accuracy_before_recovery": 0.1, "params": 100,
+             "achieved_ratio": 64.0, "tflite_int8_gzip_bytes": size, "wall_seconds": 1.0}
+            for seed, accuracy, size in ((0, 0.5, 1000), (1, 0.7, None))]
+    (cell,) = curve.summarize(rows)
+    assert cell["seeds"] == 2 and abs(cell["accuracy_mean"] - 0.6) < 1e-9
+    assert cell["tflite_int8_gzip_bytes"] == 1000
+    rows[0]["tflite_int8_gzip_bytes"] = None
+    (cell,) = curve.summarize(rows)
+    assert cell["tflite_int8_gzip_bytes"] is None
+
+
 
 @pytest.mark.slow  # also `make benchmark-smoke`
 def test_cost_and_paper_smoke(tmp_path):

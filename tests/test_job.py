@@ -299,3 +299,32 @@ def test_library_imports_no_private_names_across_modules():
                 offenders += [f"{os.path.relpath(path, ROOT)}: {a.name}"
                               for a in node.names if a.name.startswith("_")]
     assert offenders == []
+
+
+def test_a_failed_export_keeps_the_run(tmp_path, teacher_file, monkeypatch):
+    """One format failing its check costs that format only: the others are
+    written, report.json records the run, and the error carries the report."""
+    from micik_tf import job
+    from micik_tf.job import outputs
+
+    real_export = outputs.deploy.export
+
+    def int8_fails(model, path, formats, **kwargs):
+        if "tflite_int8" in formats:
+            raise ValueError("Format 'tflite_int8': the converted file does not run.")
+        return real_export(model, path, formats=formats, **kwargs)
+
+    monkeypatch.setattr(outputs.deploy, "export", int8_fails)
+    config = RunConfig(model_dir=str(tmp_path / "run"), teacher=teacher_file, dataset="digits",
+                       ratio=2, epochs=1, batch_size=32, steps_per_epoch=2,
+                       calibration_batches=1, verbose=0, export=("tflite", "tflite_int8"))
+    with pytest.raises(job.ExportError, match="format 'tflite_int8': .* does not run") as caught:
+        job.run(config)
+    assert "\n" not in str(caught.value)
+    exports = caught.value.report["exports"]
+    assert set(exports["tflite_int8"]) == {"error"}
+    assert exports["tflite"]["relative_error"] < 1e-4
+    assert os.path.exists(exports["tflite"]["path"])
+    saved = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert saved["student_accuracy"] == caught.value.report["student_accuracy"]
+    assert "error" in saved["exports"]["tflite_int8"]

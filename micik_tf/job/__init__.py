@@ -6,8 +6,8 @@ data (`data`), the teacher (`teacher`), the student (`student`), recovery,
 and what the run leaves behind (`outputs`).
 """
 
-from micik_tf.job.config import RunConfig, UsageError
+from micik_tf.job.config import ExportError, RunConfig, UsageError
 from micik_tf.job.outputs import summary_table
 from micik_tf.job.run import run
 
-__all__ = ["RunConfig", "UsageError", "run", "summary_table"]
+__all__ = ["ExportError", "RunConfig", "UsageError", "run", "summary_table"]

@@ -52,6 +52,19 @@ class UsageError(ValueError):
     """Bad input from the user: reported as one line, without a traceback."""
 
 
+class ExportError(UsageError):
+    """A finished run whose deployment files did not all pass their checks.
+
+    Recovery's result is not lost: `report` is the run's report (also in
+    its `report.json`), with the failed formats' `{"error": ...}` among its
+    exports and the ones that passed kept.
+    """
+
+    def __init__(self, message, report):
+        super().__init__(message)
+        self.report = report
+
+
 def _optional(check):
     return lambda v: v is None or check(v)
 

@@ -9,7 +9,7 @@ from micik_tf import deploy, files
 from micik_tf.compression import report as compression_report
 from micik_tf.deploy import pruning
 from micik_tf.deploy.checks import gzip_size
-from micik_tf.job.config import PRUNING_MODE, QUANTIZE_FORMATS, UsageError
+from micik_tf.job.config import PRUNING_MODE, QUANTIZE_FORMATS
 from micik_tf.recovery import pipeline, strategies
 
 # Training examples used to calibrate int8 activations in the TFLite exports,
@@ -92,13 +92,17 @@ def export_student(config, student, accuracy, data, workspace, strategy):
 def _deployment_files(student, formats, data, workspace, strategy):
     """The folder belongs to this run, so a rerun refreshes it. Under a
     multi-worker strategy every worker exports (variable reads are
-    collective); only the chief's files are kept."""
+    collective); only the chief's files are kept. When the formats fail
+    together, each is exported alone, so that one format's failed check
+    (an int8 file that does not run, say) costs only that format: its
+    result is `{"error": message}`."""
     representative = next(iter(data.calibration.unbatch().batch(REPRESENTATIVE_EXAMPLES)))[0]
     check_x, check_y = pipeline.to_arrays(data.source.test, CHECK_EXAMPLES)
     chief = strategies.is_chief(strategy)
     target = workspace.path(EXPORT_DIR) if chief else tempfile.mkdtemp(
         prefix="micik_worker_export_")
-    try:
+
+    def export(formats):
         results = deploy.export(student, target, formats=formats,
                                 representative_data=representative.numpy(), overwrite=True,
                                 check_data=check_x, check_labels=check_y)
@@ -106,11 +110,29 @@ def _deployment_files(student, formats, data, workspace, strategy):
             # Which test images the file's accuracy is on: the first this many.
             result["check_examples"] = int(len(check_x))
         return results
-    except (ValueError, FileExistsError) as error:
-        raise UsageError(f"--export: {error}") from None
+
+    try:
+        try:
+            return export(formats)
+        except (ValueError, FileExistsError) as error:
+            if len(formats) == 1:
+                return {formats[0]: {"error": str(error)}}
+        results = {}
+        for fmt in formats:
+            try:
+                results.update(export([fmt]))
+            except (ValueError, FileExistsError) as error:
+                results[fmt] = {"error": str(error)}
+        return results
     finally:
         if not chief:
             shutil.rmtree(target, ignore_errors=True)
+
+
+def export_errors(exports):
+    """`"--export: ..."`, one line naming each failed format, or None."""
+    failed = [f"format {fmt!r}: {r['error']}" for fmt, r in exports.items() if "error" in r]
+    return "--export: " + "; ".join(failed) if failed else None
 
 
 def plot_history(history, teacher_accuracy, path):
@@ -158,6 +180,9 @@ def summary_table(report):
     ]
     for fmt, result in report.get("exports", {}).items():
         accuracy = result.get("accuracy")
+        if "error" in result:
+            rows.append((f"export {fmt}", "failed (see the error above)"))
+            continue
         rows.append((f"export {fmt}",
                      f"{result['bytes']:,} bytes ({result['gzip_bytes']:,} gzip'd)"
                      + ("" if accuracy is None else f", accuracy {accuracy:.4f}")))

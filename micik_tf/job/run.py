@@ -16,7 +16,8 @@ from micik_tf import files
 from micik_tf.compression import recalibrate_batchnorm
 from micik_tf.compression.sparse import fill_residuals
 from micik_tf.job import outputs
-from micik_tf.job.config import OPTIMIZER_CHANGES, PRUNING_MODE, QAT_FRACTION, UsageError
+from micik_tf.job.config import (OPTIMIZER_CHANGES, PRUNING_MODE, QAT_FRACTION, ExportError,
+                                 UsageError)
 from micik_tf.job.data import load_data
 from micik_tf.job.student import make_student
 from micik_tf.job.teacher import resolve_teacher
@@ -40,6 +41,8 @@ def run(config, strategy=None):
     Raises:
         UsageError: bad settings or input, in one line, before any work
             that the bad input would spoil.
+        ExportError: (a UsageError) recovery finished but a deployment
+            format failed its check; the error's `report` keeps the rest.
     """
     started = time.perf_counter()
     config.validate()
@@ -75,6 +78,10 @@ def run(config, strategy=None):
         report["plot"] = outputs.plot_history(history, teacher_accuracy,
                                               workspace.path("training_curves.png"))
         files.write_json(workspace.path("report.json"), report)
+    failed = outputs.export_errors(report["exports"])
+    if failed:
+        raise ExportError(f"{failed} The recovered student's accuracy and the formats "
+                          "that passed are in report.json.", report)
     return report
 
 
