@@ -75,7 +75,7 @@ def _measure(name, work, accuracy, smoke, log):
     from micik_tf.deploy.checks import gzip_size
 
     suite = _suite_state(name, work, accuracy)
-    cells, recorded = _cells(suite, accuracy, log)
+    cells, recorded, left_out = _cells(suite, accuracy, log)
     cells["teacher"] = _teacher_files(suite)
     sample = _sample(name, accuracy)
     blocks = 3 if smoke else latency.BLOCKS
@@ -107,24 +107,32 @@ def _measure(name, work, accuracy, smoke, log):
             continue
         rows.append(dict(regime=cell[0], method=cell[1], ratio=cell[2], macs=macs.get(cell),
                          **_accuracy(accuracy, *cell), **recorded[cell], **measured[cell]))
-    return {"rows": _with_ratios(rows), "memory_method": memory.METHOD,
+    return {"rows": _with_ratios(rows), "memory_method": memory.METHOD, "left_out": left_out,
             "teacher_accuracy": accuracy["teacher"]["accuracy"],
             "regime": next((r for r in REGIME_PREFERENCE if any(
                 row["regime"] == r for row in rows)), None)}
 
 
 def _cells(suite, accuracy, log):
-    """`({cell: {format: path}}, {cell: what its row recorded})` for each
-    seed-0 cell of the accuracy rows but tfmot's, a cell being `(regime,
-    method, ratio)`: the files its run kept, else those of its starting
-    student (`_starting_files`); recorded: the files' origin and the bytes
-    its run measured."""
-    cells, recorded = {}, {}
+    """`({cell: {format: path}}, {cell: what its row recorded}, [cells left
+    out])` for each seed-0 cell of the accuracy rows but tfmot's, a cell
+    being `(regime, method, ratio)`: the files its run kept, else those of
+    its starting student (`_starting_files`); recorded: the files' origin
+    and the bytes its run measured. A cell whose run has no checked file of
+    some format (its row names the error) is left out."""
+    cells, recorded, left_out = {}, {}, []
     for row in accuracy["rows"]:
         if row["seed"] != 0 or row["method"] == "tfmot" or row.get("accuracy") is None \
                 or row.get("same_run_as"):
             continue
         cell = (row["regime"], row["method"], row["ratio"])
+        if any(row.get(f"tflite_{fmt}_bytes") is None for fmt in FORMATS):
+            # Its run's file failed its check (the row says why): nothing a
+            # phone could run, so no cost to measure.
+            log(f"deploy_axes: {'-'.join(map(str, cell))}: its run kept no checked file "
+                "of every format; left out")
+            left_out.append(list(cell))
+            continue
         kept = os.path.join(suite.work, "exports", f"{cell[0]}-{cell[1]}-{cell[2]:g}")
         paths = {fmt: os.path.join(kept, file) for fmt, file in FORMATS.items()}
         kept_here = all(os.path.exists(p) for p in paths.values())
@@ -132,7 +140,7 @@ def _cells(suite, accuracy, log):
         recorded[cell] = {"files": "exported" if kept_here else "starting student",
                           **{f"{fmt}_{kind}": row[f"tflite_{fmt}_{kind}"] for fmt in FORMATS
                              for kind in ("bytes", "gzip_bytes")}}
-    return cells, recorded
+    return cells, recorded, left_out
 
 
 def _suite_state(name, work, accuracy):
@@ -328,12 +336,16 @@ def markdown(result, command):
 def _origins(suite):
     """Which files the latency and memory of the cells were measured on."""
     start = sum(r.get("files") == "starting student" for r in suite["rows"])
+    left_out = suite.get("left_out") or []
+    out = (f" Left out, as their runs' int8 or float32 file failed its check (the "
+           f"accuracy rows say why): {', '.join('-'.join(map(str, c)) for c in left_out)}."
+           if left_out else "")
     if not start:
-        return "Every cell was measured on the files its run exported."
+        return "Every cell was measured on the files its run exported." + out
     return (f"{start} of {len(suite['rows']) - 1} cells were measured on the export of the "
             "student they started recovery from (their runs' files are not kept on this "
             "machine): latency and memory depend on the graph and tensor shapes, which "
-            "recovery leaves as they are. Bytes are the ones each run recorded.")
+            "recovery leaves as they are. Bytes are the ones each run recorded." + out)
 
 
 def _leaders(suite):

@@ -126,6 +126,22 @@ def test_which_to_use_names_the_most_accurate_method_that_fits():
     assert "At 16x, gzip'd bytes: micik_sparse (0.9000)" in deploy_axes._leaders(suite)
 
 
+def test_deploy_axes_leaves_out_a_cell_whose_file_failed_its_check(tmp_path):
+    import types
+
+    from benchmarks import deploy_axes
+
+    failed = {"regime": "limited", "method": "micik_sparse_gradual", "ratio": 64.0, "seed": 0,
+              "accuracy": 0.18, "tflite_float32_bytes": 1000, "tflite_float32_gzip_bytes": 900,
+              "tflite_int8_bytes": None, "tflite_int8_gzip_bytes": None,
+              "tflite_int8_error": "does not run"}
+    cells, _, left_out = deploy_axes._cells(types.SimpleNamespace(work=str(tmp_path)),
+                                            {"rows": [failed]}, log=lambda *_: None)
+    assert cells == {} and left_out == [["limited", "micik_sparse_gradual", 64.0]]
+    sentence = deploy_axes._origins({"rows": [{"files": "exported"}], "left_out": left_out})
+    assert "Left out" in sentence and "limited-micik_sparse_gradual-64.0" in sentence
+
+
 def test_curve_verdicts_count_only_margins_beyond_the_spread():
     from benchmarks import curve
 
