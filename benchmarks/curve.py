@@ -152,6 +152,9 @@ LR_OF = {"thin_teacher_budget": "thin", "micik_sparse_no_sequential": "micik_spa
 TUNED = ("micik", "micik_sparse", "per_layer", "pruning", "channels", "tfmot", "thin",
          *BEST_MODES)
 LR_GRID = (5e-4, 2e-3, 5e-3)
+# A row's keys for a file that failed its check (float32, int8): the run's
+# accuracy stands, the file's bytes are None.
+EXPORT_ERRORS = ("tflite_error", "tflite_int8_error")
 DEFAULT_LR = 2e-3
 
 
@@ -432,7 +435,8 @@ class _Suite:
             self.log(f"{phase} {regime} seed {seed} {ratio:>4g}x {method:<20} lr {lr:g}: "
                      + (f"{row['achieved_ratio']:.2f}x before {row['accuracy_before_recovery']:.4f} "
                         f"after {row['accuracy']:.4f} val {row.get('val_accuracy')} "
-                        f"({row['wall_seconds']:.0f}s)"
+                        f"({row['wall_seconds']:.0f}s)" + "".join(
+                            f"; {key}: {row[key]}" for key in EXPORT_ERRORS if key in row)
                         if row.get("accuracy") is not None else f"failed: {row.get('error')}"))
 
     def tuned_rates(self):
@@ -529,7 +533,8 @@ class _Suite:
             "tflite_int8_test_examples": int8.get("check_examples"),
             "tflite_float32_bytes": float32.get("bytes"),
             "tflite_float32_gzip_bytes": float32.get("gzip_bytes"),
-            **{f"{fmt}_error": exports[fmt]["error"] for fmt in ("tflite", "tflite_int8")
+            **{key: exports[fmt]["error"] for fmt, key in zip(("tflite", "tflite_int8"),
+                                                             EXPORT_ERRORS)
                if "error" in exports[fmt]},
             "wall_seconds": report["wall_seconds"], "git_commit": git_commit(),
         }
@@ -818,6 +823,10 @@ def ablation_worth(summary):
     return out
 
 
+def _bytes(value):
+    return "-" if value is None else f"{value:,.0f}"
+
+
 def markdown(result, command, stem="curve"):
     """The results as markdown; `stem` names the suite and its plots."""
     p, teacher = result["protocol"], result["teacher"]
@@ -942,10 +951,6 @@ def plot(result, path):
     target = os.path.join(folder, f"{stem}_teacher.png")
     write_figure(fig, target)
     return written + [target]
-
-
-def _bytes(value):
-    return "-" if value is None else f"{value:,.0f}"
 
 
 def _plot_regime(ax, result, regime, key, label):

@@ -120,20 +120,22 @@ def _cells(suite, accuracy, log):
     its starting student (`_starting_files`); recorded: the files' origin
     and the bytes its run measured. A cell whose run has no checked file of
     some format (its row names the error) is left out."""
+    from benchmarks import curve
+
     cells, recorded, left_out = {}, {}, []
     for row in accuracy["rows"]:
         if row["seed"] != 0 or row["method"] == "tfmot" or row.get("accuracy") is None \
                 or row.get("same_run_as"):
             continue
         cell = (row["regime"], row["method"], row["ratio"])
-        if any(row.get(f"tflite_{fmt}_bytes") is None for fmt in FORMATS):
+        if any(key in row for key in curve.EXPORT_ERRORS):
             # Its run's file failed its check (the row says why): nothing a
             # phone could run, so no cost to measure.
-            log(f"deploy_axes: {'-'.join(map(str, cell))}: its run kept no checked file "
-                "of every format; left out")
+            log(f"deploy_axes: {_name(cell)}: its run kept no checked file of every "
+                "format; left out")
             left_out.append(list(cell))
             continue
-        kept = os.path.join(suite.work, "exports", f"{cell[0]}-{cell[1]}-{cell[2]:g}")
+        kept = os.path.join(suite.work, "exports", _name(cell))
         paths = {fmt: os.path.join(kept, file) for fmt, file in FORMATS.items()}
         kept_here = all(os.path.exists(p) for p in paths.values())
         cells[cell] = paths if kept_here else _starting_files(suite, cell, log)
@@ -141,6 +143,12 @@ def _cells(suite, accuracy, log):
                           **{f"{fmt}_{kind}": row[f"tflite_{fmt}_{kind}"] for fmt in FORMATS
                              for kind in ("bytes", "gzip_bytes")}}
     return cells, recorded, left_out
+
+
+def _name(cell):
+    """`regime-method-ratio`, as the cell's export folder is named."""
+    regime, method, ratio = cell
+    return f"{regime}-{method}-{ratio:g}"
 
 
 def _suite_state(name, work, accuracy):
@@ -203,7 +211,7 @@ def _starting_files(suite, cell, log):
     if path is None:
         return _teacher_files(suite)
     folder = os.path.join(suite.work, "exports-start", os.path.basename(path)[:-len(".keras")])
-    log(f"deploy_axes: {'-'.join(map(str, cell))}: no kept export here; measuring the "
+    log(f"deploy_axes: {_name(cell)}: no kept export here; measuring the "
         "starting student's")
     return _export_once(suite, lambda: files.load_model(path), folder)
 
@@ -338,7 +346,7 @@ def _origins(suite):
     start = sum(r.get("files") == "starting student" for r in suite["rows"])
     left_out = suite.get("left_out") or []
     out = (f" Left out, as their runs' int8 or float32 file failed its check (the "
-           f"accuracy rows say why): {', '.join('-'.join(map(str, c)) for c in left_out)}."
+           f"accuracy rows say why): {', '.join(_name(c) for c in left_out)}."
            if left_out else "")
     if not start:
         return "Every cell was measured on the files its run exported." + out

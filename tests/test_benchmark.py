@@ -139,7 +139,7 @@ def test_deploy_axes_leaves_out_a_cell_whose_file_failed_its_check(tmp_path):
                                             {"rows": [failed]}, log=lambda *_: None)
     assert cells == {} and left_out == [["limited", "micik_sparse_gradual", 64.0]]
     sentence = deploy_axes._origins({"rows": [{"files": "exported"}], "left_out": left_out})
-    assert "Left out" in sentence and "limited-micik_sparse_gradual-64.0" in sentence
+    assert "Left out" in sentence and "limited-micik_sparse_gradual-64." in sentence
 
 
 def test_curve_verdicts_count_only_margins_beyond_the_spread():

@@ -185,15 +185,25 @@ def main(argv):
         tf.config.experimental.enable_op_determinism()
     try:
         report = job.run(config_from_flags(), strategy)
+    except job.ExportError as error:
+        # Recovery finished; only some files failed their checks: the run's
+        # summary still shows, and the exit status is not bad input's.
+        print(f"train.py: error: {error}", file=sys.stderr)
+        _summary(error.report)
+        return 1
     except job.UsageError as error:
         if FLAGS.debug:
             raise
         print(f"train.py: error: {error}", file=sys.stderr)
         return 2
+    _summary(report)
+    return 0
+
+
+def _summary(report):
     if FLAGS.verbose:
         print()
         print(job.summary_table(report))
-    return 0
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ from micik_tf import deploy, files
 from micik_tf.compression import report as compression_report
 from micik_tf.deploy import pruning
 from micik_tf.deploy.checks import gzip_size
+from micik_tf.deploy.export import ARTIFACTS
 from micik_tf.job.config import PRUNING_MODE, QUANTIZE_FORMATS
 from micik_tf.recovery import pipeline, strategies
 
@@ -92,10 +93,7 @@ def export_student(config, student, accuracy, data, workspace, strategy):
 def _deployment_files(student, formats, data, workspace, strategy):
     """The folder belongs to this run, so a rerun refreshes it. Under a
     multi-worker strategy every worker exports (variable reads are
-    collective); only the chief's files are kept. When the formats fail
-    together, each is exported alone, so that one format's failed check
-    (an int8 file that does not run, say) costs only that format: its
-    result is `{"error": message}`."""
+    collective); only the chief's files are kept."""
     representative = next(iter(data.calibration.unbatch().batch(REPRESENTATIVE_EXAMPLES)))[0]
     check_x, check_y = pipeline.to_arrays(data.source.test, CHECK_EXAMPLES)
     chief = strategies.is_chief(strategy)
@@ -114,19 +112,33 @@ def _deployment_files(student, formats, data, workspace, strategy):
     try:
         try:
             return export(formats)
-        except (ValueError, FileExistsError) as error:
-            if len(formats) == 1:
-                return {formats[0]: {"error": str(error)}}
-        results = {}
-        for fmt in formats:
-            try:
-                results.update(export([fmt]))
-            except (ValueError, FileExistsError) as error:
-                results[fmt] = {"error": str(error)}
-        return results
+        except (ValueError, FileExistsError):
+            # `export` writes all or none; one format's failed check (an int8
+            # file that does not run, say) should cost only that format.
+            # Every worker fails alike (the same model and data), so the
+            # collective reads below stay in step.
+            return _export_each(export, formats, target)
     finally:
         if not chief:
             shutil.rmtree(target, ignore_errors=True)
+
+
+def _export_each(export, formats, target):
+    """`{format: result}`, each format exported alone; a failed one's result
+    is `{"error": message}` and an earlier run's file of it is removed, so the
+    folder holds what report.json says."""
+    results = {}
+    for fmt in formats:
+        try:
+            results.update(export([fmt]))
+        except (ValueError, FileExistsError) as error:
+            results[fmt] = {"error": str(error)}
+            stale = os.path.join(target, ARTIFACTS[fmt])
+            if os.path.isdir(stale):
+                shutil.rmtree(stale)
+            elif os.path.lexists(stale):
+                os.remove(stale)
+    return results
 
 
 def export_errors(exports):

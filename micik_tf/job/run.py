@@ -80,7 +80,7 @@ def run(config, strategy=None):
         files.write_json(workspace.path("report.json"), report)
     failed = outputs.export_errors(report["exports"])
     if failed:
-        raise ExportError(f"{failed} The recovered student's accuracy and the formats "
+        raise ExportError(f"{failed} Recovery finished: its accuracy and the formats "
                           "that passed are in report.json.", report)
     return report
 
