@@ -158,6 +158,11 @@ EXPORT_ERRORS = ("tflite_error", "tflite_int8_error")
 DEFAULT_LR = 2e-3
 
 
+def cell_name(regime, method, ratio):
+    """`regime-method-ratio`: the name of a cell's kept export folder."""
+    return f"{regime}-{method}-{ratio:g}"
+
+
 @dataclasses.dataclass(frozen=True)
 class Regime:
     train_fraction: float
@@ -511,7 +516,7 @@ class _Suite:
         if seed == 0:
             # The files a phone would run, kept for the deployment measurements
             # (latency and memory do not depend on the seed).
-            kept = os.path.join(self.work, "exports", f"{regime_name}-{method}-{ratio:g}")
+            kept = os.path.join(self.work, "exports", cell_name(regime_name, method, ratio))
             os.makedirs(kept, exist_ok=True)
             for fmt in ("tflite", "tflite_int8"):
                 if "path" in exports[fmt]:
@@ -526,7 +531,8 @@ class _Suite:
             "accuracy": report["student_accuracy"],
             "val_accuracy": best.get("val_accuracy"), "best_epoch": best.get("epoch"),
             "epochs": config.epochs, "steps": report["steps"],
-            "tflite_int8_gzip_bytes": int8.get("gzip_bytes"), "tflite_int8_bytes": int8.get("bytes"),
+            "tflite_int8_gzip_bytes": int8.get("gzip_bytes"),
+            "tflite_int8_bytes": int8.get("bytes"),
             "tflite_int8_accuracy": int8.get("accuracy"),
             # The int8 file is scored on the first this many test images; the
             # Keras accuracies on the whole test split.

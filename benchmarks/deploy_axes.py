@@ -37,6 +37,7 @@ import os
 
 from micik_tf.files import read_json, write_figure
 
+from benchmarks import curve
 from benchmarks.common import figure, git_commit
 
 SUITES = ("curve", "vit_mha")
@@ -120,8 +121,6 @@ def _cells(suite, accuracy, log):
     its starting student (`_starting_files`); recorded: the files' origin
     and the bytes its run measured. A cell whose run has no checked file of
     some format (its row names the error) is left out."""
-    from benchmarks import curve
-
     cells, recorded, left_out = {}, {}, []
     for row in accuracy["rows"]:
         if row["seed"] != 0 or row["method"] == "tfmot" or row.get("accuracy") is None \
@@ -131,11 +130,11 @@ def _cells(suite, accuracy, log):
         if any(key in row for key in curve.EXPORT_ERRORS):
             # Its run's file failed its check (the row says why): nothing a
             # phone could run, so no cost to measure.
-            log(f"deploy_axes: {_name(cell)}: its run kept no checked file of every "
-                "format; left out")
+            log(f"deploy_axes: {curve.cell_name(*cell)}: its run kept no checked file "
+                "of every format; left out")
             left_out.append(list(cell))
             continue
-        kept = os.path.join(suite.work, "exports", _name(cell))
+        kept = os.path.join(suite.work, "exports", curve.cell_name(*cell))
         paths = {fmt: os.path.join(kept, file) for fmt, file in FORMATS.items()}
         kept_here = all(os.path.exists(p) for p in paths.values())
         cells[cell] = paths if kept_here else _starting_files(suite, cell, log)
@@ -145,15 +144,9 @@ def _cells(suite, accuracy, log):
     return cells, recorded, left_out
 
 
-def _name(cell):
-    """`regime-method-ratio`, as the cell's export folder is named."""
-    regime, method, ratio = cell
-    return f"{regime}-{method}-{ratio:g}"
-
-
 def _suite_state(name, work, accuracy):
     """The suite's `_Suite` (its protocol, teacher and student files)."""
-    from benchmarks import curve, vit_mha
+    from benchmarks import vit_mha
 
     protocol = {"curve": curve, "vit_mha": vit_mha}[name]
     smoke = accuracy.get("smoke")
@@ -189,8 +182,6 @@ def _export_once(suite, load, folder):
 def _starting_model(suite, regime, method, ratio):
     """The path of the Keras model `method`'s cell started recovery from, or
     None for pruning (the teacher's own graph: its zeros are still stored)."""
-    from benchmarks import curve
-
     settings = dict(curve.METHODS.get(method) or {})
     fraction = suite.protocol.regime(regime).train_fraction
     if settings.get("thin"):
@@ -211,7 +202,7 @@ def _starting_files(suite, cell, log):
     if path is None:
         return _teacher_files(suite)
     folder = os.path.join(suite.work, "exports-start", os.path.basename(path)[:-len(".keras")])
-    log(f"deploy_axes: {_name(cell)}: no kept export here; measuring the "
+    log(f"deploy_axes: {curve.cell_name(*cell)}: no kept export here; measuring the "
         "starting student's")
     return _export_once(suite, lambda: files.load_model(path), folder)
 
@@ -346,7 +337,7 @@ def _origins(suite):
     start = sum(r.get("files") == "starting student" for r in suite["rows"])
     left_out = suite.get("left_out") or []
     out = (f" Left out, as their runs' int8 or float32 file failed its check (the "
-           f"accuracy rows say why): {', '.join(_name(c) for c in left_out)}."
+           f"accuracy rows say why): {', '.join(curve.cell_name(*c) for c in left_out)}."
            if left_out else "")
     if not start:
         return "Every cell was measured on the files its run exported." + out
@@ -379,8 +370,6 @@ def plot(result, path):
     """deploy_axes_<suite>.png: accuracy against each cost, a line per method."""
     from matplotlib import ticker
 
-    from benchmarks.curve import STYLES
-
     folder, written = os.path.dirname(path), []
     for name, suite in result["suites"].items():
         fig, axes = figure(1, len(PANELS), size=(6 * len(PANELS), 4.5))
@@ -390,7 +379,8 @@ def plot(result, path):
             for method in sorted({r["method"] for r in rows}):
                 points = sorted((r for r in rows if r["method"] == method), key=lambda r: r[key])
                 ax.plot([r[key] for r in points], [r["accuracy"] for r in points], marker="o",
-                        label=method, **STYLES.get(method, dict(linestyle="--", alpha=0.6)))
+                        label=method,
+                        **curve.STYLES.get(method, dict(linestyle="--", alpha=0.6)))
             ax.plot([teacher[key]], [teacher["accuracy"]], "k*", markersize=12, label="teacher")
             ax.set_xscale("log")
             ax.xaxis.set_major_formatter(ticker.FormatStrFormatter("%g"))
