@@ -404,7 +404,9 @@ class _Suite:
 
     def pending(self, phase, every_method=False):
         """The runs of `phase` not done yet, in a fixed order: the tuning
-        trials, or the cells seed by seed (so early rows cover every method);
+        trials, or the cells seed by seed (so early rows cover every method),
+        and within a seed the methods compared before the ablations (so a
+        suite stopped part-way has its comparisons at the most seeds);
         only the methods to run now unless `every_method`."""
         p = self.protocol
         if phase == "tune":
@@ -413,8 +415,10 @@ class _Suite:
         else:
             keys = [(name, m, ratio, seed)
                     for seed in range(max(r.seeds for _, r in p.regimes))
+                    for ablations in (False, True)
                     for name, r in p.regimes if seed < r.seeds
-                    for ratio in r.ratios for m in r.methods if m not in ALIASES]
+                    for ratio in r.ratios for m in r.methods
+                    if m not in ALIASES and (m in ABLATION_METHODS) == ablations]
         done = self.done(phase)
         return [k for k in keys if k not in done
                 and (every_method or self.methods is None or k[1] in self.methods)]
@@ -563,23 +567,23 @@ class _Suite:
         return path
 
     def prepare_students(self):
-        """Makes every compressed and thin student the cells start from (and
-        the teacher's weights for tfmot), once, before any worker runs, so
-        that none of them races to write one."""
-        if any("tfmot" in r.methods for _, r in self.protocol.regimes):
-            self._teacher_weights()
-        for name, regime in self.protocol.regimes:
-            for method in regime.methods:
-                if self.methods is not None and method not in self.methods:
-                    continue
-                settings = METHODS.get(method) or {}
-                for ratio in regime.ratios:
-                    if settings.get("thin"):
-                        self._thin_student(ratio)
-                    elif settings.get("channels"):
-                        self._channels_student(regime.train_fraction, ratio)
-                    elif "mode" in settings:
-                        self._compressed(regime.train_fraction, settings, ratio)
+        """Makes every compressed and thin student the pending runs start from
+        (and the teacher's weights for tfmot), once, before any worker runs,
+        so that none of them races to write one. Students are not kept in
+        git: a resumed suite makes only those its remaining runs need."""
+        regimes = dict(self.protocol.regimes)
+        needed = {(regimes[key[0]].train_fraction, key[1], key[2])
+                  for phase in ("tune", "cells") for key in self.pending(phase)}
+        for train_fraction, method, ratio in sorted(needed):
+            settings = METHODS.get(method) or {}
+            if method == "tfmot":
+                self._teacher_weights()
+            elif settings.get("thin"):
+                self._thin_student(ratio)
+            elif settings.get("channels"):
+                self._channels_student(train_fraction, ratio)
+            elif "mode" in settings:
+                self._compressed(train_fraction, settings, ratio)
 
     def _compressed(self, train_fraction, settings, ratio):
         """The compressed student of a method's compress() settings at

@@ -87,6 +87,15 @@ def test_curve_quick_smoke(tmp_path):
     assert "1 of 7 cells were measured on the export" in (tmp_path / "deploy_axes.md").read_text()
 
 
+def test_curve_runs_the_compared_methods_of_a_seed_before_its_ablations(tmp_path):
+    from benchmarks import curve
+
+    keys = curve._Suite(curve.SMOKE, str(tmp_path), print).pending("cells")
+    is_ablation = [key[1] in curve.ABLATION_METHODS for key in keys]
+    assert any(is_ablation) and not all(is_ablation)
+    assert is_ablation == sorted(is_ablation)  # one seed: every ablation after the rest
+
+
 def test_curve_runs_only_the_methods_asked_for_and_keeps_the_rest_pending(tmp_path):
     from benchmarks import curve
 
