@@ -488,14 +488,16 @@ class _Suite:
         settings = dict(METHODS[method])
         thin, teacher_budget = settings.pop("thin", False), settings.pop("teacher_budget", False)
         channels = settings.pop("channels", False)
-        settings.pop("sparse_share", None)  # the student is made here (`_compressed`)
+        # The student is made here (`_compressed`).
+        settings.pop("sparse_share", None)
+        min_rank = settings.pop("min_rank", 1)
         p = self.protocol
         key = f"{regime_name}-{method}-{ratio:g}-{seed}-{lr:g}"
         model_dir = os.path.join(self.work, "runs", key)
         config = job.RunConfig(
             model_dir=model_dir, dataset=p.dataset, validation_fraction=p.validation_fraction,
             train_fraction=regime.train_fraction, augment=p.augment,
-            teacher=self.teacher_info["path"], ratio=ratio, min_rank=1,
+            teacher=self.teacher_info["path"], ratio=ratio, min_rank=min_rank,
             epochs=p.teacher_epochs if teacher_budget else regime.epochs,
             batch_size=p.batch_size, steps_per_epoch=p.steps_per_epoch, learning_rate=lr,
             seed=seed, export=("tflite", "tflite_int8"), checkpoint_every=1_000_000, verbose=0,
@@ -597,13 +599,14 @@ class _Suite:
                        objective=settings.get("objective"),
                        sequential=settings.get("sequential", False))
         shares = settings.get("sparse_share", (None,))
+        min_rank = settings.get("min_rank", 1)
         import micik_tf
 
         def make(teacher, calibration):
             for share in shares:  # the first at which the minimum ranks fit
                 extra = {} if share is None else {"sparse_share": share}
                 try:
-                    return micik_tf.compress(teacher, ratio=ratio, min_rank=1,
+                    return micik_tf.compress(teacher, ratio=ratio, min_rank=min_rank,
                                              calibration_data=calibration, verbose=0,
                                              **options, **extra)
                 except ValueError:
@@ -613,6 +616,8 @@ class _Suite:
         name = "-".join(str(v) for v in options.values())
         if shares != (None,):
             name += "-share" + ",".join(f"{share:g}" for share in shares)
+        if min_rank != 1:
+            name += f"-min_rank{min_rank}"
         return self._student_file(f"{train_fraction:g}-{name}-{ratio:g}", train_fraction, make)
 
     def _channels_student(self, train_fraction, ratio):

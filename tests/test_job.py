@@ -64,6 +64,7 @@ def parse():
     (["--unique=dense"], r"--unique=dense.*low_rank\|sparse"),
     (["--unique=sparse", "--sparse_share=1.5"], r"--sparse_share=1.5.*\[0, 1\]"),
     (["--sparse_share=0.5"], "--sparse_share needs --unique=sparse"),
+    (["--min_rank=0"], "--min_rank=0 leaves a layer only its sparse part"),
     (["--unique=sparse", "--prune_sparsity=0.5"], "masks fixed"),
     (["--sequential", "--calibration_batches=0"], "--calibration_batches > 0"),
     (["--sparse_masks=gradual"], "--sparse_masks=gradual .* needs --unique=sparse"),

@@ -116,6 +116,22 @@ def test_the_split_search_is_no_worse_than_either_end_and_meets_the_budget():
     assert "nonzeros" in str(rep)
 
 
+def test_min_rank_0_lets_groups_keep_only_their_sparse_part_where_ranks_do_not_fit():
+    model, x = _cnn(), _x()
+    options = dict(ratio=10, mode="common_only", unique="sparse", sparse_share=0.75,
+                   calibration_data=x, verbose=0)
+    with pytest.raises(ValueError, match="too little for their minimum ranks"):
+        micik_tf.compress(model, min_rank=1, **options)
+    student = micik_tf.compress(model, min_rank=0, **options)
+    ranks = {name: layer.rank for name, layer in _wrappers(student).items()}
+    assert 0 in ranks.values() and max(ranks.values()) > 0, ranks
+    assert 9.9 < micik_tf.report(student).ratio <= 10.01
+    # A layer of rank 0 is its sparse part alone; the recovery prunes it as
+    # it prunes the others.
+    assert sparse.fill_residuals(student, model) == len(ranks)
+    np.testing.assert_allclose(student(x), model(x), rtol=1e-4, atol=1e-4)
+
+
 def test_lamp_gains_are_a_monotone_map_of_lamp_scores():
     rng = np.random.default_rng(0)
     w = rng.normal(size=200)
@@ -296,6 +312,8 @@ def test_the_recovery_job_prunes_filled_residuals_back_to_the_budget(tmp_path, t
          "`ranks` alone take"),
         (dict(unique="sparse", ratio=6, sparse_share=0.99, min_rank=4),
          "sparse_share=0.99 leaves the low-rank parts 1% of the budget"),
+        (dict(min_rank=0), "min_rank=0 lets a layer keep no low-rank part"),
+        (dict(unique="sparse", min_rank=-1), "`min_rank`"),
     ],
 )
 def test_bad_input_gets_one_line(kwargs, message):

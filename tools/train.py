@@ -65,7 +65,9 @@ def define_flags():
     flags.DEFINE_enum("share", d.share, SHARE_CHOICES, "Shared side of the kernels.")
     flags.DEFINE_integer("min_rank", d.min_rank, "Smallest total rank per compressed layer "
                          "(default: compress()'s, 8 capped at a sixteenth of the smaller "
-                         "side). Lower it to reach ratios above 20x on small models.")
+                         "side). Lower it to reach ratios above 20x on small models; 0, with "
+                         "--unique=sparse, lets the allocator leave a layer only its sparse "
+                         "part.")
     flags.DEFINE_enum("unique", d.unique, UNIQUE_KINDS, "What each compressed layer keeps "
                       "of its own: a low-rank part, or a low-rank part plus a sparse "
                       "residual (one budget for ranks and nonzeros; the masks stay fixed "

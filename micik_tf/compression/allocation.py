@@ -55,7 +55,8 @@ class LayerBudget:
         errors: `{r_c: array}` with the allocator's cost (`layer_cost` of the
             relative squared error) for `r_u = 0, 1, ...` on top of a common
             part of rank `r_c`.
-        min_rank: the smallest total rank `r_c + r_u` the layer may get.
+        min_rank: the smallest total rank `r_c + r_u` the layer may get (0:
+            the layer may keep no low-rank part, only a sparse one).
         unique: whether the layer may have a unique part.
         allow_dense: whether the layer may stay uncompressed.
     """
@@ -84,7 +85,8 @@ class LayerBudget:
         """`(costs, errors, unique ranks)` of the factored choices at `r_c`."""
         errors = self.errors[rank_common]
         ranks = np.arange(len(errors))
-        low = max(self.min_rank - rank_common, 0 if rank_common else 1)
+        # Rank 0 (a zero kernel) only where a sparse part stands beside it.
+        low = max(self.min_rank - rank_common, 0 if rank_common or not self.min_rank else 1)
         high = len(errors) - 1 if self.unique else 0
         keep = (ranks >= low) & (ranks <= high)
         costs = self.coefficient_cost(rank_common) + ranks * self.unique_cost

@@ -120,6 +120,9 @@ def compress(
         calibration_batches: how many batches of `calibration_data` to use.
         min_rank: smallest total rank per compressed layer. Default: 8,
             capped at a sixteenth of the layer's smaller side (at least 1).
+            With `unique="sparse"` it may be 0: the allocator may then leave
+            a layer (in `"common_only"` mode, a group) with no low-rank part,
+            only nonzeros, where ranks buy too little (high ratios).
         objective: what the allocator minimises over the layers' relative
             errors `e`: `"sum_error"` (the sum of `e`; the default for
             low-rank parts, measured better on the curve) or `"log_energy"`
@@ -154,7 +157,7 @@ def compress(
     _check_sequential(sequential, calibration_data)
     calibration_batches = positive_int("calibration_batches", calibration_batches)
     if min_rank is not None:
-        min_rank = positive_int("min_rank", min_rank)
+        min_rank = _check_min_rank(min_rank, unique)
     share = one_of("share", share, SHARE_CHOICES)
     if ranks is None:
         ratio = _check_ratio(DEFAULT_RATIO if ratio is None else ratio)
@@ -353,6 +356,17 @@ def _names(value, argument):
             f"Received: {argument}={value!r}; did you mean [{value!r}]?"
         )
     return list(value)
+
+
+def _check_min_rank(min_rank, unique):
+    """`min_rank` >= 1, or 0 with sparse unique parts (a layer may then be
+    only its sparse part: the allocator may give a group no rank at all)."""
+    min_rank = positive_int("min_rank", min_rank, allow_zero=True)
+    if min_rank == 0 and unique != "sparse":
+        raise ValueError(
+            "min_rank=0 lets a layer keep no low-rank part, which leaves it nothing "
+            "without a sparse part. Pass unique='sparse', or a min_rank >= 1.")
+    return min_rank
 
 
 def _check_unique(unique, sparse_share):
