@@ -61,13 +61,15 @@ def run_suite(smoke, output_dir, log=print):
     for name in SUITES:
         work = os.path.join(output_dir, f".{name}_work")
         accuracy_path = os.path.join(output_dir, f"{name}.json")
-        if not os.path.isdir(os.path.join(work, "exports")) or not os.path.exists(accuracy_path):
-            log(f"deploy_axes: {name}: no exported files or no {name}.json yet; skipped")
+        # The exports may be gone (a fresh checkout): cells are then measured
+        # on their starting students, remade from the suite's teacher.
+        if not os.path.isdir(work) or not os.path.exists(accuracy_path):
+            log(f"deploy_axes: {name}: no .{name}_work or no {name}.json yet; skipped")
             continue
         result["suites"][name] = _measure(name, work, read_json(accuracy_path), smoke, log)
     if not result["suites"]:
-        raise ValueError("deploy_axes: run --suite=curve (or vit_mha) first: it exports the "
-                         "files this suite measures.")
+        raise ValueError("deploy_axes: run --suite=curve (or vit_mha) first: it trains the "
+                         "models this suite measures.")
     return result, None
 
 
