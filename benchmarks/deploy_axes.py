@@ -122,7 +122,9 @@ def _cells(suite, accuracy, log):
     being `(regime, method, ratio)`: the files its run kept, else those of
     its starting student (`_starting_files`); recorded: the files' origin
     and the bytes its run measured. A cell whose run has no checked file of
-    some format (its row names the error) is left out."""
+    some format (its row names the error), or whose starting student's file
+    fails its check, is left out: `[regime, method, ratio, "run" or
+    "starting student"]`."""
     cells, recorded, left_out = {}, {}, []
     for row in accuracy["rows"]:
         if row["seed"] != 0 or row["method"] == "tfmot" or row.get("accuracy") is None \
@@ -134,12 +136,16 @@ def _cells(suite, accuracy, log):
             # phone could run, so no cost to measure.
             log(f"deploy_axes: {curve.cell_name(*cell)}: its run kept no checked file "
                 "of every format; left out")
-            left_out.append(list(cell))
+            left_out.append([*cell, "run"])
             continue
         kept = os.path.join(suite.work, "exports", curve.cell_name(*cell))
         paths = {fmt: os.path.join(kept, file) for fmt, file in FORMATS.items()}
         kept_here = all(os.path.exists(p) for p in paths.values())
         cells[cell] = paths if kept_here else _starting_files(suite, cell, log)
+        if cells[cell] is None:
+            del cells[cell]
+            left_out.append([*cell, "starting student"])
+            continue
         recorded[cell] = {"files": "exported" if kept_here else "starting student",
                           **{f"{fmt}_{kind}": row[f"tflite_{fmt}_{kind}"] for fmt in FORMATS
                              for kind in ("bytes", "gzip_bytes")}}
@@ -197,7 +203,9 @@ def _starting_model(suite, regime, method, ratio):
 
 def _starting_files(suite, cell, log):
     """The float32 and int8 files of the cell's starting student, exported once
-    into exports-start/ (the teacher's for pruning)."""
+    into exports-start/ (the teacher's for pruning); None if a file fails its
+    check (before recovery a part may output zeros on all calibration data,
+    which int8 cannot range; its recovered model's file passed)."""
     from micik_tf import files
 
     path = _starting_model(suite, *cell)
@@ -206,7 +214,12 @@ def _starting_files(suite, cell, log):
     folder = os.path.join(suite.work, "exports-start", os.path.basename(path)[:-len(".keras")])
     log(f"deploy_axes: {curve.cell_name(*cell)}: no kept export here; measuring the "
         "starting student's")
-    return _export_once(suite, lambda: files.load_model(path), folder)
+    try:
+        return _export_once(suite, lambda: files.load_model(path), folder)
+    except ValueError as error:
+        log(f"deploy_axes: {curve.cell_name(*cell)}: its starting student's file fails "
+            f"its check ({str(error)[:120]}...); left out")
+        return None
 
 
 def _sample(name, accuracy):
@@ -338,9 +351,14 @@ def _origins(suite):
     """Which files the latency and memory of the cells were measured on."""
     start = sum(r.get("files") == "starting student" for r in suite["rows"])
     left_out = suite.get("left_out") or []
-    out = (f" Left out, as their runs' int8 or float32 file failed its check (the "
-           f"accuracy rows say why): {', '.join(curve.cell_name(*c) for c in left_out)}."
-           if left_out else "")
+    whose = {"run": "their runs' int8 or float32 file failed its check (the accuracy rows "
+                    "say why)",
+             "starting student": "their starting students' file, exported here, failed its "
+                                 "check"}
+    out = "".join(
+        f" Left out, as {why}: {', '.join(curve.cell_name(*c[:3]) for c in cells)}."
+        for kind, why in whose.items()
+        if (cells := [c for c in left_out if c[3] == kind]))
     if not start:
         return "Every cell was measured on the files its run exported." + out
     return (f"{start} of {len(suite['rows']) - 1} cells were measured on the export of the "

@@ -146,9 +146,33 @@ def test_deploy_axes_leaves_out_a_cell_whose_file_failed_its_check(tmp_path):
               "tflite_int8_error": "does not run"}
     cells, _, left_out = deploy_axes._cells(types.SimpleNamespace(work=str(tmp_path)),
                                             {"rows": [failed]}, log=lambda *_: None)
-    assert cells == {} and left_out == [["limited", "micik_sparse_gradual", 64.0]]
+    assert cells == {} and left_out == [["limited", "micik_sparse_gradual", 64.0, "run"]]
     sentence = deploy_axes._origins({"rows": [{"files": "exported"}], "left_out": left_out})
-    assert "Left out" in sentence and "limited-micik_sparse_gradual-64." in sentence
+    assert "Left out, as their runs'" in sentence
+    assert "limited-micik_sparse_gradual-64." in sentence
+
+
+def test_deploy_axes_leaves_out_a_cell_whose_starting_students_file_fails(tmp_path,
+                                                                          monkeypatch):
+    import types
+
+    from benchmarks import deploy_axes
+
+    def fails(*_):
+        raise ValueError("Format 'tflite_int8': the converted file does not run")
+
+    monkeypatch.setattr(deploy_axes, "_starting_model", lambda *_: str(tmp_path / "s.keras"))
+    monkeypatch.setattr(deploy_axes, "_export_once", fails)
+    row = {"regime": "full", "method": "micik_sparse", "ratio": 64.0, "seed": 0,
+           "accuracy": 0.5, **{f"tflite_{fmt}_{kind}": 1000 for fmt in ("float32", "int8")
+                               for kind in ("bytes", "gzip_bytes")}}
+    lines = []
+    cells, _, left_out = deploy_axes._cells(types.SimpleNamespace(work=str(tmp_path)),
+                                            {"rows": [row]}, log=lines.append)
+    assert cells == {} and left_out == [["full", "micik_sparse", 64.0, "starting student"]]
+    assert "fails its check" in lines[-1]
+    sentence = deploy_axes._origins({"rows": [{"files": "exported"}], "left_out": left_out})
+    assert "their starting students' file" in sentence and "full-micik_sparse-64." in sentence
 
 
 def test_curve_verdicts_count_only_margins_beyond_the_spread():
