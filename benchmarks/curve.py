@@ -573,10 +573,7 @@ class _Suite:
         (and the teacher's weights for tfmot), once, before any worker runs,
         so that none of them races to write one. Students are not kept in
         git: a resumed suite makes only those its remaining runs need."""
-        regimes = dict(self.protocol.regimes)
-        needed = {(regimes[key[0]].train_fraction, key[1], key[2])
-                  for phase in ("tune", "cells") for key in self.pending(phase)}
-        for train_fraction, method, ratio in sorted(needed):
+        for train_fraction, method, ratio in self.needed_students():
             settings = METHODS.get(method) or {}
             if method == "tfmot":
                 self._teacher_weights()
@@ -586,6 +583,13 @@ class _Suite:
                 self._channels_student(train_fraction, ratio)
             elif "mode" in settings:
                 self._compressed(train_fraction, settings, ratio)
+
+    def needed_students(self):
+        """`[(train fraction, method, ratio)]` of the pending runs, sorted."""
+        regimes = dict(self.protocol.regimes)
+        phases = ("tune", "cells") if self.protocol.tune else ("cells",)
+        return sorted({(regimes[key[0]].train_fraction, key[1], key[2])
+                       for phase in phases for key in self.pending(phase)})
 
     def _compressed(self, train_fraction, settings, ratio):
         """The compressed student of a method's compress() settings at

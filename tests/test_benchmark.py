@@ -96,6 +96,16 @@ def test_curve_runs_the_compared_methods_of_a_seed_before_its_ablations(tmp_path
     assert is_ablation == sorted(is_ablation)  # one seed: every ablation after the rest
 
 
+def test_a_suite_makes_only_the_students_of_its_own_pending_runs(tmp_path):
+    from benchmarks import curve, vit_mha
+
+    # vit_mha tunes nothing: the curve's tuned methods (channels, which a
+    # transformer cannot take) are not its students.
+    needed = curve._Suite(vit_mha.PROTOCOL, str(tmp_path), print).needed_students()
+    assert {method for _, method, _ in needed} == set(vit_mha.METHODS)
+    assert len(needed) == len(vit_mha.METHODS) * 3  # ratios 2, 4, 8; one training share
+
+
 def test_curve_runs_only_the_methods_asked_for_and_keeps_the_rest_pending(tmp_path):
     from benchmarks import curve
 
