@@ -744,7 +744,10 @@ def thin_model(protocol, teacher, target_params, search=400):
     best = None
     for i in range(1, search + 1):
         width = protocol.width * i / search
-        params = models.build(protocol.arch, source_shape, classes, width=width).count_params()
+        try:
+            params = models.build(protocol.arch, source_shape, classes, width=width).count_params()
+        except ValueError:  # too narrow to build (a transformer's key_dim of 0)
+            continue
         if best is None or abs(params - target_params) < abs(best[1] - target_params):
             best = (width, params)
         if params > 1.5 * target_params:

@@ -290,3 +290,12 @@ def test_vit_smoke(tmp_path, suite, arch):
     assert methods == {"micik", "per_layer"}
     assert all(r["accuracy"] is not None for r in data["rows"])
     assert data["teacher"]["params"] > 0 and data["protocol"]["arch"] == arch
+
+
+def test_the_thin_transformer_skips_widths_too_narrow_to_build():
+    from benchmarks import curve, vit_mha
+
+    teacher = {"input_shape": [28, 28, 1], "num_classes": 10}
+    # The narrowest widths give MultiHeadAttention a key_dim of 0.
+    model = curve.thin_model(vit_mha.PROTOCOL, teacher, 136_394 / 8, search=50)
+    assert abs(model.count_params() - 136_394 / 8) < 0.25 * 136_394 / 8
