@@ -141,11 +141,11 @@ def _cells(suite, accuracy, log):
         kept = os.path.join(suite.work, "exports", curve.cell_name(*cell))
         paths = {fmt: os.path.join(kept, file) for fmt, file in FORMATS.items()}
         kept_here = all(os.path.exists(p) for p in paths.values())
-        cells[cell] = paths if kept_here else _starting_files(suite, cell, log)
-        if cells[cell] is None:
-            del cells[cell]
+        found = paths if kept_here else _starting_files(suite, cell, log)
+        if found is None:
             left_out.append([*cell, "starting student"])
             continue
+        cells[cell] = found
         recorded[cell] = {"files": "exported" if kept_here else "starting student",
                           **{f"{fmt}_{kind}": row[f"tflite_{fmt}_{kind}"] for fmt in FORMATS
                              for kind in ("bytes", "gzip_bytes")}}
