@@ -235,6 +235,15 @@ QUICK_SMOKE = dataclasses.replace(
 PROTOCOLS = {"full": PROTOCOL, "quick": QUICK, "smoke": SMOKE, "quick_smoke": QUICK_SMOKE}
 
 
+def _named_protocols():
+    """The protocols a worker process can be started on, by name: the
+    curve's and those of the suites built on it (imported here, not at the
+    top, because they import this module)."""
+    from benchmarks import vit_mha
+
+    return dict(PROTOCOLS, vit_mha=vit_mha.PROTOCOL, vit_mha_smoke=vit_mha.SMOKE)
+
+
 def protocol_for(quick, smoke):
     name = ("quick_smoke" if smoke else "quick") if quick else ("smoke" if smoke else "full")
     return PROTOCOLS[name]
@@ -280,14 +289,14 @@ def run_suite(protocol, output_dir, log=print, workers=1, work_name=".curve_work
     return results, os.path.join(work, "runs")
 
 
-def progress(protocol, output_dir):
+def progress(protocol, output_dir, work_name=".curve_work"):
     """The results of the runs recorded so far, without running anything
     (`partial` says how many of the planned runs they are); `(results, None)`.
 
     A full suite takes hours; this shows where it stands, from the same rows
     the finished suite will render, so nothing in it is provisional except
     the cells not run yet."""
-    work = os.path.join(output_dir, ".curve_work")
+    work = os.path.join(output_dir, work_name)
     suite = _Suite(protocol, work, print)
     if not os.path.exists(os.path.join(suite.teacher_dir, "teacher.json")):
         raise ValueError(f"no trained teacher in {work}: start the suite first")
@@ -297,7 +306,7 @@ def progress(protocol, output_dir):
 
 def _run_workers(protocol, output_dir, phase, workers, log, work_name=".curve_work",
                  methods=None):
-    name = next(k for k, v in PROTOCOLS.items() if v == protocol)
+    name = next(k for k, v in _named_protocols().items() if v == protocol)
     env = dict(os.environ, TF_NUM_INTRAOP_THREADS="1", TF_NUM_INTEROP_THREADS="1",
                PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     only = [f"--methods={','.join(methods)}"] if methods else []
@@ -1003,7 +1012,7 @@ def _worker_main():
     """`python benchmarks/curve.py --protocol=full --phase=cells --worker=0
     --workers=2 --output_dir=...`: one worker's share of a phase."""
     parser = argparse.ArgumentParser(description=_worker_main.__doc__)
-    parser.add_argument("--protocol", choices=sorted(PROTOCOLS), required=True)
+    parser.add_argument("--protocol", required=True)
     parser.add_argument("--phase", choices=("tune", "cells"), required=True)
     parser.add_argument("--worker", type=int, required=True)
     parser.add_argument("--workers", type=int, required=True)
@@ -1011,7 +1020,7 @@ def _worker_main():
     parser.add_argument("--work_name", default=".curve_work")
     parser.add_argument("--methods", default="")
     args = parser.parse_args()
-    protocol = PROTOCOLS[args.protocol]
+    protocol = _named_protocols()[args.protocol]
     suite = _Suite(protocol, os.path.join(args.output_dir, args.work_name),
                    lambda message: print(f"[worker {args.worker}] {message}", flush=True),
                    worker=args.worker, methods=[m for m in args.methods.split(",") if m])

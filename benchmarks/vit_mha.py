@@ -36,6 +36,10 @@ markdown = functools.partial(curve.markdown, stem="vit_mha")
 plot = curve.plot
 
 
-def run_suite(smoke, output_dir, methods=None):
+def run_suite(smoke, output_dir, methods=None, workers=1):
     return curve.run_suite(SMOKE if smoke else PROTOCOL, output_dir, work_name=".vit_mha_work",
-                           methods=methods)
+                           methods=methods, workers=workers)
+
+
+def progress(smoke, output_dir):
+    return curve.progress(SMOKE if smoke else PROTOCOL, output_dir, work_name=".vit_mha_work")

@@ -285,11 +285,25 @@ def test_scale_rerun_of_some_parts_keeps_the_others_with_their_commit(tmp_path, 
 @pytest.mark.parametrize("suite, arch", [("vit", "vit_tiny"), ("vit_mha", "vit_mha")])
 def test_vit_smoke(tmp_path, suite, arch):
     """The ViT suites end to end, tiny: MICIK and per-layer SVD at one budget."""
-    data = _smoke(suite, tmp_path)
+    # vit_mha shares its runs between two worker processes, as the curve can.
+    data = _smoke(suite, tmp_path, *(["--workers=2"] if suite == "vit_mha" else []))
     methods = {r["method"] for r in data["rows"]}
     assert methods == {"micik", "per_layer"}
     assert all(r["accuracy"] is not None for r in data["rows"])
     assert data["teacher"]["params"] > 0 and data["protocol"]["arch"] == arch
+
+
+def test_vit_mha_names_its_protocols_for_worker_processes_and_shows_progress(tmp_path):
+    """A worker process is started on a protocol by name, so vit_mha's
+    protocols must have names; --progress reads vit_mha's own scratch folder
+    (not the curve's)."""
+    from benchmarks import curve, vit_mha
+
+    named = curve._named_protocols()
+    assert named["vit_mha"] is vit_mha.PROTOCOL and named["vit_mha_smoke"] is vit_mha.SMOKE
+    assert len({id(p) for p in named.values()}) == len(named)  # each name finds one protocol
+    with pytest.raises(ValueError, match=r"\.vit_mha_work: start the suite first"):
+        vit_mha.progress(False, str(tmp_path))
 
 
 def test_the_thin_transformer_skips_widths_too_narrow_to_build():

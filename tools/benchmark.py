@@ -59,7 +59,7 @@ def define_flags():
                                                   for k, v in DEFAULT_RATIOS.items()) + ").")
     flags.DEFINE_bool("quick", False, "curve: 1 seed, ratios 16 and 64, the limited regime, "
                       "no ablations (about half an hour once the teacher is trained).")
-    flags.DEFINE_integer("workers", 1, "curve: processes sharing the runs (2 on 2 cores: "
+    flags.DEFINE_integer("workers", 1, "curve, vit_mha: processes sharing the runs (2 on 2 cores: "
                          "about 1.2x the throughput of one).", lower_bound=1)
     flags.DEFINE_list("parts", None, "scale: rerun only these parts (pipeline, calibration, "
                       "compress, train_step) and keep the others from the existing scale.json; "
@@ -69,8 +69,9 @@ def define_flags():
     flags.DEFINE_list("methods", None, "curve, vit_mha: run only these methods' runs now "
                       "(e.g. those a change in progress leaves alone); the others stay "
                       "pending and the results are marked partial.")
-    flags.DEFINE_bool("progress", False, "curve: write the results of the runs recorded so "
-                      "far (marked partial), without running anything, while the suite runs.")
+    flags.DEFINE_bool("progress", False, "curve, vit_mha: write the results of the runs "
+                      "recorded so far (marked partial), without running anything, while "
+                      "the suite runs.")
     flags.DEFINE_bool("rerender", False, "Rewrite <suite>.md (and its plot) from the "
                       "existing <suite>.json in --output_dir, without running anything.")
     flags.DEFINE_bool("smoke", False, "Tiny models and a step or two of training, so the "
@@ -117,8 +118,11 @@ def _run(suite, ratios, smoke):
     if suite == "curve":
         return lib.run_suite(lib.protocol_for(FLAGS.quick, smoke), FLAGS.output_dir,
                              workers=FLAGS.workers, methods=FLAGS.methods)
+    if suite == "vit_mha" and FLAGS.progress:
+        return lib.progress(smoke, FLAGS.output_dir)
     if suite == "vit_mha":
-        return lib.run_suite(smoke, FLAGS.output_dir, methods=FLAGS.methods)
+        return lib.run_suite(smoke, FLAGS.output_dir, methods=FLAGS.methods,
+                             workers=FLAGS.workers)
     if suite == "scale" and FLAGS.parts:
         return lib.rerun_parts(FLAGS.parts, os.path.join(FLAGS.output_dir, "scale.json"),
                                git_commit(), smoke), None
@@ -210,8 +214,8 @@ def main(argv):
     # TF's checkpoint code logs every save at INFO through absl.
     logging.set_verbosity(logging.WARNING)
     suite = FLAGS.suite
-    if FLAGS.progress and suite != "curve":
-        raise app.UsageError("--progress is for --suite=curve only.")
+    if FLAGS.progress and suite not in ("curve", "vit_mha"):
+        raise app.UsageError("--progress is for --suite=curve and --suite=vit_mha only.")
     if FLAGS.parts and suite != "scale":
         raise app.UsageError("--parts is for --suite=scale only.")
     if FLAGS.methods:
