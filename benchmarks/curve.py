@@ -862,7 +862,9 @@ def markdown(result, command, stem="curve"):
     """The results as markdown; `stem` names the suite and its plots."""
     p, teacher = result["protocol"], result["teacher"]
     regimes = p["regimes"]
-    rates = ', '.join(f'{m} {lr:g}' for m, lr in result['learning_rates'].items())
+    # The rates of the methods this suite ran (vit_mha borrows all of the curve's).
+    ran = {LR_OF.get(r["method"], r["method"]) for r in result["rows"]}
+    rates = ', '.join(f'{m} {lr:g}' for m, lr in result['learning_rates'].items() if m in ran)
     rates = (f"each method's tuned learning rate ({rates}; grid {p['learning_rate_grid']} at "
              f"{p['tuned_at']})" if p["learning_rate_grid"] else
              f"the same learning rate for every method ({rates}; not tuned)")

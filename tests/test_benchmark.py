@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -291,6 +292,10 @@ def test_vit_smoke(tmp_path, suite, arch):
     assert methods == {"micik", "per_layer"}
     assert all(r["accuracy"] is not None for r in data["rows"])
     assert data["teacher"]["params"] > 0 and data["protocol"]["arch"] == arch
+    # The learning rates named are those of the methods the suite ran, not
+    # every method of the curve it borrows them from.
+    rates = re.search(r"every method \(([^;]*); not tuned", (tmp_path / f"{suite}.md").read_text())
+    assert {part.split()[0] for part in rates.group(1).split(", ")} == methods
 
 
 def test_vit_mha_names_its_protocols_for_worker_processes_and_shows_progress(tmp_path):
